@@ -1,0 +1,131 @@
+"""Checkpoints that survive crashes and refuse foreign code.
+
+A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, step, epoch,
+data position, RNG states, config as a dict, class names). Each is written to a temporary file
+in the same folder, fsynced, then renamed over its final name, so a crash at any moment
+leaves either the old file or the new one. `latest.pt` is a hard link to the newest
+`step_XXXXXXX.pt`. Loading always uses `weights_only=True`, so a file that would run code
+when unpickled is refused.
+"""
+import os
+import pickle
+import re
+import shutil
+import warnings
+import zipfile
+
+import torch
+
+STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, explained in one sentence."""
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(state, path):
+    """torch.save to a temp file, fsync, rename. On any error the old `path` is untouched."""
+    folder = os.path.dirname(path) or "."
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _link_latest(folder, target):
+    """Point latest.pt at `target` atomically (hard link, or a copy where links are unsupported)."""
+    tmp = os.path.join(folder, f".latest.pt.tmp{os.getpid()}")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, os.path.join(folder, "latest.pt"))
+    _fsync_dir(folder)
+
+
+def save_checkpoint(state, folder, keep_last=3, milestone_every=0):
+    """Write step_<step>.pt, point latest.pt at it, prune old ones. Returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{state['step']:07d}.pt")
+    atomic_save(state, path)
+    _link_latest(folder, path)
+    prune(folder, keep_last, milestone_every)
+    return path
+
+
+def step_files(folder):
+    """[(step, path)] of a run folder, newest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder) if (m := STEP_FILE.match(name))]
+    return sorted(found, reverse=True)
+
+
+def prune(folder, keep_last, milestone_every):
+    """Keep the newest `keep_last` step files and every milestone (step % milestone_every == 0)."""
+    for i, (step, path) in enumerate(step_files(folder)):
+        milestone = milestone_every > 0 and step % milestone_every == 0
+        if i >= max(1, keep_last) and not milestone:
+            os.remove(path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint safely; any problem becomes a CheckpointError naming the file and the fix."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass --ckpt with a .pt file written by train.py")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"'{path}' was refused: it contains objects other than tensors and plain data, "
+                              f"which could run code when loaded ({str(e).splitlines()[0][:120]}); "
+                              "only load checkpoints written by train.py") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"'{path}' is truncated or not a checkpoint ({type(e).__name__}); "
+                              "delete it or pass another file") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"'{path}' is not a checkpoint written by this project's train.py (no model/config)")
+    return state
+
+
+def load_latest(folder, map_location="cpu"):
+    """Newest readable checkpoint of a run folder as (state, path), or (None, None) if there is none.
+
+    An unreadable newer file is reported and skipped; if every file is unreadable, that is an error
+    rather than a silent fresh start.
+    """
+    candidates = [os.path.join(folder, "latest.pt")] * os.path.exists(os.path.join(folder, "latest.pt"))
+    candidates += [path for _, path in step_files(folder)]
+    problems = []
+    for path in candidates:
+        try:
+            return load_checkpoint(path, map_location), path
+        except CheckpointError as e:
+            problems.append(str(e))
+            warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+    if problems:
+        raise CheckpointError(f"no readable checkpoint in '{folder}' ({len(problems)} tried); "
+                              "use --fresh to start over (the old files are kept aside) or another --run name")
+    return None, None

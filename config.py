@@ -1,0 +1,162 @@
+"""Every knob in one place: a dataclass, named presets, and CLI flags generated from it.
+
+    python train.py --preset panda64 --lr 3e-4 --run my_run
+
+Each field becomes a flag (`image_size` -> `--image-size`); `--help` prints the comments
+below. A preset fills the fields first, explicit flags win. No torch import here.
+"""
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+
+def knob(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- run and files ---
+    preset: str = knob("auto", "named preset: auto (panda256 on CUDA, panda64 otherwise), seed, panda256, panda64, tiny")
+    run: str = knob("", "run name: checkpoints/<run>/ and dit_training/<run>/ (default: the preset name)")
+    data_dir: str = knob("", "image folder, flat or one sub-folder per label (default: data/pandas, generated if missing)")
+    ckpt_dir: str = knob("checkpoints", "checkpoints go to <ckpt_dir>/<run>/")
+    log_dir: str = knob("dit_training", "TensorBoard events go to <log_dir>/<run>/")
+    cache_dir: str = knob("cache", "decoded-image cache (uint8, memory-mapped), rebuilt when the files change")
+    # --- model (DiT) ---
+    image_size: int = knob(64, "training/sampling resolution in pixels (square)")
+    patch_size: int = knob(4, "patch side in pixels; tokens = (image_size / patch_size)^2")
+    in_channels: int = knob(3, "image channels (RGB)")
+    emb_dim: int = knob(64, "width of the token stream")
+    depth: int = knob(3, "number of DiT blocks")
+    num_heads: int = knob(6, "attention heads per block")
+    head_dim: int = knob(64, "width of each head (may exceed emb_dim / num_heads)")
+    mlp_ratio: float = knob(4.0, "MLP hidden width = mlp_ratio * emb_dim")
+    freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
+    num_labels: int = knob(1, "number of labels (overridden by the data: one per sub-folder)")
+    label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
+    adaln_zero: bool = knob(True, "zero-init the adaLN gates and the output layer so each block starts as identity")
+    # --- diffusion ---
+    max_t: int = knob(1000, "diffusion steps T")
+    beta_start: float = knob(1e-4, "first beta of the linear schedule")
+    beta_end: float = knob(0.02, "last beta of the linear schedule")
+    loss: str = knob("l1", "loss on the predicted noise: l1 or mse")
+    # --- optimisation ---
+    optimizer: str = knob("adam", "adam or adamw")
+    lr: float = knob(3e-4, "peak learning rate")
+    weight_decay: float = knob(0.0, "weight decay (decoupled when optimizer=adamw)")
+    warmup_steps: int = knob(200, "linear learning-rate warm-up steps")
+    lr_schedule: str = knob("constant", "after warm-up: constant or cosine (decays to 10%% at max_steps)")
+    grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
+    batch_size: int = knob(32, "images per step per process")
+    max_steps: int = knob(20000, "total optimisation steps, counted across resumes")
+    max_minutes: float = knob(0.0, "wall-clock budget of this invocation; then save and exit (0 = none)")
+    ema_decay: float = knob(0.999, "EMA decay of the sampling weights (0 = EMA off)")
+    ema_warmup: bool = knob(True, "ramp the EMA decay as min(decay, (1+step)/(10+step))")
+    max_bad_steps: int = knob(20, "consecutive non-finite losses/gradients before training stops")
+    # --- data ---
+    hflip: bool = knob(True, "random horizontal flips")
+    num_workers: int = knob(-1, "DataLoader workers (-1 = min(10, CPU count))")
+    num_generated: int = knob(600, "procedural pandas written when the default data folder is empty")
+    # --- logging, sampling, checkpoints ---
+    log_every: int = knob(10, "steps between scalar logs")
+    hist_every: int = knob(200, "steps between noise-prediction histograms")
+    sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
+    sample_n: int = knob(16, "images in the TensorBoard sample grid")
+    sample_steps: int = knob(50, "DDIM steps for the TensorBoard samples")
+    ckpt_every: int = knob(500, "steps between checkpoints (latest.pt)")
+    keep_last: int = knob(3, "periodic checkpoints to keep besides milestones")
+    milestone_every: int = knob(5000, "steps between checkpoints that are never deleted (0 = none)")
+    log_graph: bool = knob(True, "write the model graph to TensorBoard once")
+    # --- system ---
+    device: str = knob("auto", "auto, cpu, cuda, cuda:1, ...")
+    seed: int = knob(0, "seed for weights, data order, noise")
+    compile: bool = knob(False, "torch.compile the model (slow first step)")
+    amp: bool = knob(True, "bf16 autocast and TF32 matmuls on CUDA (no effect on CPU)")
+
+
+# Presets: overrides of the defaults above. Explained in README.md.
+PRESETS = {
+    # Exactly the original description: 256 px, patch 4, 3 blocks, 6 heads x 64 on a 64-wide
+    # stream, Adam at lr 1e-6, L1 loss, batch 6, gradient clipping; plain init, no EMA.
+    "seed": dict(image_size=256, patch_size=4, emb_dim=64, depth=3, num_heads=6, head_dim=64,
+                 lr=1e-6, warmup_steps=0, batch_size=6, adaln_zero=False, ema_decay=0.0,
+                 max_steps=477000, sample_n=8, milestone_every=50000),
+    # Same architecture, made to learn in hours: adaLN-Zero, lr 3e-4 with warm-up, EMA.
+    "panda256": dict(image_size=256, patch_size=4, emb_dim=64, depth=3, num_heads=6, head_dim=64,
+                     lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
+                     sample_every=2000, ckpt_every=1000, milestone_every=10000),
+    # 64 px for a 2-core CPU: same family, wider stream, 256 tokens.
+    "panda64": dict(image_size=64, patch_size=4, emb_dim=128, depth=4, num_heads=4, head_dim=32,
+                    lr=1e-3, warmup_steps=200, batch_size=64, max_steps=20000, loss="mse",
+                    sample_every=250, ckpt_every=250),
+    # For tests: a few seconds on a CPU.
+    "tiny": dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16,
+                 lr=1e-3, warmup_steps=0, batch_size=8, max_steps=50, max_t=100, sample_n=4,
+                 sample_steps=10, log_every=5, hist_every=10, sample_every=25, ckpt_every=25,
+                 milestone_every=0, num_workers=0, ema_decay=0.99),
+}
+
+
+def resolve_preset(name, cuda_available):
+    """'auto' -> panda256 on CUDA, panda64 otherwise."""
+    if name == "auto":
+        return "panda256" if cuda_available else "panda64"
+    if name not in PRESETS:
+        raise SystemExit(f"error: unknown preset '{name}'; choose one of: auto, {', '.join(PRESETS)}")
+    return name
+
+
+def add_config_flags(parser):
+    """One flag per Config field; unset flags stay absent so presets can fill them."""
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + f" (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+
+
+def build_config(overrides, cuda_available=False):
+    """Defaults <- preset <- explicit overrides (a dict of flag values)."""
+    preset = resolve_preset(overrides.get("preset", "auto"), cuda_available)
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    cfg = Config(**values)
+    if not cfg.run:
+        cfg.run = preset
+    if cfg.num_workers < 0:
+        cfg.num_workers = min(10, os.cpu_count() or 1)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    problems = []
+    if cfg.image_size % cfg.patch_size:
+        problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.loss not in ("l1", "mse"):
+        problems.append(f"loss must be l1 or mse, not '{cfg.loss}'")
+    if cfg.optimizer not in ("adam", "adamw"):
+        problems.append(f"optimizer must be adam or adamw, not '{cfg.optimizer}'")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"lr_schedule must be constant or cosine, not '{cfg.lr_schedule}'")
+    if min(cfg.batch_size, cfg.max_t, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.emb_dim) < 1:
+        problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
+    if not 0.0 <= cfg.label_dropout < 1.0:
+        problems.append("label_dropout must be in [0, 1)")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def config_from_dict(d):
+    """Rebuild a Config from a checkpoint's plain dict, ignoring unknown keys."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})
+
+
+# Fields that change the network's shapes or meaning: a checkpoint cannot resume across them.
+ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "emb_dim", "depth", "num_heads", "head_dim",
+               "mlp_ratio", "freq_dim", "num_labels", "label_dropout", "max_t", "beta_start", "beta_end")

@@ -1,0 +1,134 @@
+"""Gaussian diffusion with a linear beta schedule: noising, the training loss, DDPM and DDIM sampling.
+
+Names follow Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): x_start = x_0, x_t, eps,
+alphas_cumprod = alpha-bar. Every schedule term is computed once in float64 and stored as float32.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class Diffusion:
+    """Schedule terms, q(x_t | x_0), the noise-prediction loss and the reverse samplers."""
+
+    def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu"):
+        self.max_t, self.loss_type = max_t, loss
+        betas = torch.linspace(beta_start, beta_end, max_t, dtype=torch.float64)
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        terms = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            # q(x_{t-1} | x_t, x_0) = N(coef1 * x_0 + coef2 * x_t, posterior_variance)   (Ho et al. eq. 6-7)
+            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+        )
+        for name, value in terms.items():
+            setattr(self, name, value.to(device=device, dtype=torch.float32))
+
+    @staticmethod
+    def _at(values, t, x):
+        """values[t] shaped to broadcast over x: (N,) -> (N, 1, 1, 1)."""
+        return values.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x_start, t, noise):
+        """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps."""
+        return self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start + \
+            self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+
+    def q_posterior(self, x_start, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x_start + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    def predict_start(self, x_t, t, eps):
+        """x_0 implied by a noise prediction: (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar)."""
+        return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+    def training_loss(self, model, x_start, y, generator=None):
+        """Noise x_0 at a random t and regress the noise. Returns (loss, predicted eps, true eps)."""
+        t = torch.randint(0, self.max_t, (x_start.shape[0],), device=x_start.device, generator=generator)
+        noise = torch.randn(x_start.shape, device=x_start.device, generator=generator)
+        eps = model(self.q_sample(x_start, t, noise), t, y)
+        loss_fn = F.l1_loss if self.loss_type == "l1" else F.mse_loss
+        return loss_fn(eps.float(), noise), eps, noise
+
+    # ---- reverse process ----
+
+    @staticmethod
+    def guided_eps(model, x, t, y, cfg_scale=1.0):
+        """Classifier-free guidance: eps_u + s (eps_c - eps_u). s = 1 is the plain conditional model."""
+        if cfg_scale == 1.0:
+            return model(x, t, y)
+        null = torch.full_like(y, model.null_label)
+        eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + cfg_scale * (eps_c - eps_u)
+
+    def ddpm_step(self, eps, x_t, t, generator=None, clip=True):
+        """One ancestral step x_t -> x_{t-1} (Ho et al. alg. 2) with the predicted x_0 clipped to [-1, 1]."""
+        x_start = self.predict_start(x_t, t, eps)
+        if clip:
+            x_start = x_start.clamp(-1, 1)
+        mean, var = self.q_posterior(x_start, x_t, t)
+        if int(t[0]) == 0:
+            return mean, x_start
+        noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
+        return mean + var.sqrt() * noise, x_start
+
+    def ddim_step(self, eps, x_t, t, t_prev, eta=0.0, generator=None, clip=True):
+        """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev = -1 means the clean image."""
+        a_t = self._at(self.alphas_cumprod, t, x_t)
+        a_prev = self._at(self.alphas_cumprod, t_prev, x_t) if t_prev[0] >= 0 else torch.ones_like(a_t)
+        x_start = self.predict_start(x_t, t, eps)
+        if clip:  # keep eps consistent with the clipped x_0, as the DDPM step does implicitly
+            x_start = x_start.clamp(-1, 1)
+            eps = (x_t - a_t.sqrt() * x_start) / (1 - a_t).sqrt()
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x_start + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0 and t_prev[0] >= 0:
+            x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
+        return x_prev, x_start
+
+    def timesteps(self, steps):
+        """`steps` evenly spaced timesteps from max_t - 1 down to 0."""
+        if not 1 <= steps <= self.max_t:
+            raise ValueError(f"steps must be between 1 and max_t={self.max_t}, got {steps}")
+        return torch.linspace(self.max_t - 1, 0, steps).round().long().tolist()
+
+    @torch.inference_mode()
+    def sample(self, model, noise, y, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0, generator=None,
+               clip=True, progress=False, callback=None):
+        """Denoise `noise` (N, C, H, W) into images in [-1, 1].
+
+        sampler='ddpm' with steps = max_t is the description's 1000-step ancestral sampler;
+        with fewer steps it is the respaced ancestral sampler (DDIM with eta = 1).
+        callback(i, t, x_t, x_start) sees each step; nothing else is kept.
+        """
+        ts = self.timesteps(steps)
+        if sampler == "ddpm":
+            eta = 1.0
+        elif sampler != "ddim":
+            raise ValueError(f"sampler must be ddpm or ddim, got {sampler}")
+        x = noise
+        for i, t_now in enumerate(tqdm(ts, desc=f"{sampler}-{steps}", disable=not progress, leave=False)):
+            t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
+            eps = self.guided_eps(model, x, t, y, cfg_scale).float()
+            if sampler == "ddpm" and steps == self.max_t:
+                x, x_start = self.ddpm_step(eps, x, t, generator, clip)
+            else:
+                t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
+                x, x_start = self.ddim_step(eps, x, t, t_prev, eta, generator, clip)
+            if callback is not None:
+                callback(i, t_now, x, x_start)
+        return x.clamp(-1, 1)
+
+
+def make_diffusion(cfg, device="cpu"):
+    return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device)

@@ -1,0 +1,142 @@
+"""Draw pandas from a checkpoint.
+
+    python sample.py                                   # newest checkpoint of the newest run
+    python sample.py --ckpt checkpoints/panda64/latest.pt --n 64 --sampler ddim --steps 50
+    python sample.py --sampler ddpm                    # the description's 1000-step sampler
+    python sample.py --trajectory                      # one image's denoising, 16 frames
+
+Writes samples/<run>/<step>/grid.png plus one PNG per image (and trajectory.png).
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from checkpoint import CheckpointError, load_checkpoint, step_files
+from config import config_from_dict
+from diffusion import make_diffusion
+from dit import DiT
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate pandas with a trained DiT checkpoint.")
+    p.add_argument("--ckpt", default="", help="checkpoint file (default: latest.pt of the newest run in --ckpt-dir)")
+    p.add_argument("--ckpt-dir", default="checkpoints", help="where train.py wrote its runs (default: checkpoints)")
+    p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: ancestral; ddim: deterministic with eta=0 (default: ddim)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: 50 for ddim, max_t for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
+    p.add_argument("--label", default="", help="label name (sub-folder of the training data) or index (default: all labels in turn)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (needs --label-dropout > 0 at training)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default: on)")
+    p.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip the predicted x0 to [-1, 1] at each step")
+    p.add_argument("--trajectory", action="store_true", help="also write trajectory.png: x_t and predicted x0 at 16 steps of the first image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--out", default="", help="output folder (default: samples/<run>/<step>)")
+    return p.parse_args(argv)
+
+
+def newest_checkpoint(ckpt_dir):
+    """latest.pt (or newest step file) of the most recently written run in ckpt_dir."""
+    runs = []
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        folder = os.path.join(ckpt_dir, name)
+        files = [os.path.join(folder, "latest.pt")] if os.path.exists(os.path.join(folder, "latest.pt")) else []
+        files += [path for _, path in step_files(folder)][:1]
+        if files:
+            runs.append((os.path.getmtime(files[0]), files[0]))
+    if not runs:
+        raise CheckpointError(f"no checkpoints found in '{ckpt_dir}'; train first (python train.py) or pass --ckpt")
+    return max(runs)[1]
+
+
+def load_model(state, use_ema, device):
+    cfg = config_from_dict(state["config"])
+    model = DiT.from_config(cfg)
+    weights = state.get("ema") if use_ema and state.get("ema") is not None else state["model"]
+    model.load_state_dict(weights)
+    return cfg, model.to(device).eval()
+
+
+def parse_label(label, classes):
+    """'' -> None (cycle all labels); a class name or an index -> its index."""
+    if label == "":
+        return None
+    if label in classes:
+        return classes.index(label)
+    if label.isdigit() and int(label) < len(classes):
+        return int(label)
+    raise SystemExit(f"error: unknown label '{label}'; this checkpoint knows: "
+                     + ", ".join(f"{i}={c}" for i, c in enumerate(classes)))
+
+
+def check_args(args, cfg, model):
+    steps = args.steps or (cfg.max_t if args.sampler == "ddpm" else min(50, cfg.max_t))
+    if not 1 <= steps <= cfg.max_t:
+        raise SystemExit(f"error: --steps must be between 1 and max_t={cfg.max_t}, got {steps}")
+    if args.cfg != 1.0 and model.null_label is None:
+        raise SystemExit("error: --cfg needs a model trained with --label-dropout > 0 (this one had 0); use --cfg 1")
+    if args.n < 1 or args.batch_size < 1:
+        raise SystemExit("error: --n and --batch-size must be >= 1")
+    return steps
+
+
+def generate(model, diffusion, cfg, args, steps, labels, device, callback=None):
+    """args.n images in [-1, 1], in batches; noise for image i depends only on (seed, i)."""
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    out = []
+    for lo in range(0, args.n, args.batch_size):
+        x = noise[lo:lo + args.batch_size].to(device)
+        y = labels[lo:lo + args.batch_size].to(device)
+        step_gen = torch.Generator(device).manual_seed(args.seed * 7919 + lo)
+        out.append(diffusion.sample(model, x, y, args.sampler, steps, args.eta, args.cfg, step_gen, args.clip,
+                                    progress=True, callback=callback if lo == 0 else None).cpu())
+    return torch.cat(out)
+
+
+def trajectory_strip(frames):
+    """Two rows: x_t and predicted x0 at each recorded step."""
+    x_t, x0 = zip(*frames)
+    return make_grid((torch.cat([torch.stack(x_t), torch.stack(x0)]).clamp(-1, 1) + 1) / 2, nrow=len(frames))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        path = args.ckpt or newest_checkpoint(args.ckpt_dir)
+        state = load_checkpoint(path, map_location="cpu")
+        cfg, model = load_model(state, args.ema, device)
+    except (CheckpointError, RuntimeError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {e}" if isinstance(e, CheckpointError) else
+                         f"error: '{args.ckpt}' does not match this project's model ({type(e).__name__}); pass a checkpoint written by train.py")
+    classes = state.get("classes") or [str(i) for i in range(cfg.num_labels)]
+    steps = check_args(args, cfg, model)
+    label = parse_label(args.label, classes)
+    labels = torch.full((args.n,), label) if label is not None else torch.arange(args.n) % cfg.num_labels
+    diffusion = make_diffusion(cfg, device)
+    out = args.out or os.path.join("samples", cfg.run, str(state["step"]))
+    os.makedirs(out, exist_ok=True)
+    frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
+    record = (lambda i, t, x, x0: frames.append((x[0].float().cpu(), x0[0].float().cpu())) if i in keep else None) if args.trajectory else None
+    t0 = time.time()
+    images = generate(model, diffusion, cfg, args, steps, labels, device, record)
+    seconds = time.time() - t0
+    save_image((images + 1) / 2, os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
+    for i, img in enumerate(images):
+        save_image((img + 1) / 2, os.path.join(out, f"{i:04d}.png"))
+    if frames:
+        save_image(trajectory_strip(frames), os.path.join(out, "trajectory.png"))
+    print(f"{args.n} images ({args.sampler}-{steps}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
+          f"step {state['step']}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""Train a DiT to draw pandas.
+
+    python train.py                                  # panda64 on CPU, panda256 on CUDA
+    python train.py --preset panda64 --data-dir ~/my_pandas --run mine
+    torchrun --nproc_per_node=2 train.py ...         # same flags, DDP
+    tensorboard --logdir=./dit_training
+
+Runs resume automatically from checkpoints/<run>/latest.pt: weights, EMA, optimizer, step,
+data position and RNG states, so a resumed run continues exactly where it stopped.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from checkpoint import CheckpointError, load_latest, save_checkpoint
+from config import ARCH_FIELDS, PRESETS, Config, add_config_flags, build_config, config_from_dict
+from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, generate_pandas, make_loader
+from diffusion import make_diffusion
+from dit import DiT
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a Diffusion Transformer on a folder of panda pictures.",
+                                     epilog=f"presets: {', '.join(PRESETS)} (see README.md)")
+    add_config_flags(parser)
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: existing checkpoints and logs of this run are moved aside, not deleted")
+    args = vars(parser.parse_args(argv))
+    fresh = args.pop("fresh")
+    return args, fresh
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def setup_distributed():
+    """(rank, world_size, local_rank); initialises the process group only under torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def select_device(name, local_rank):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda was asked for but CUDA is not available; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, no visible loss here
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name)
+
+
+def resolve_config(overrides, fresh, rank):
+    """Config from preset + flags, or from the run's checkpoint + flags when resuming."""
+    cfg = build_config(overrides, torch.cuda.is_available())
+    run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+    if fresh and rank == 0:
+        move_aside(run_dir, os.path.join(cfg.log_dir, cfg.run))
+    barrier()
+    state, path = load_latest(run_dir)
+    if state is None:
+        return cfg, None
+    saved = state["config"]
+    cfg = config_from_dict({**saved, **overrides, "preset": saved["preset"], "run": cfg.run})
+    changed = {k: (saved.get(k), v) for k, v in vars(cfg).items() if saved.get(k) != v}
+    say(f"resuming '{cfg.run}' from {path} at step {state['step']}"
+        + (f"; changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}" if changed else ""), rank)
+    return cfg, state
+
+
+def move_aside(*folders):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for folder in folders:
+        if os.path.exists(folder):
+            os.replace(folder, f"{folder.rstrip(os.sep)}-old-{stamp}")
+            say(f"--fresh: moved {folder} to {folder.rstrip(os.sep)}-old-{stamp}")
+
+
+def load_data(cfg, rank):
+    """The cached dataset; a missing default folder is filled with procedural pandas first."""
+    data_dir = cfg.data_dir or DEFAULT_DATA_DIR
+    if not cfg.data_dir and rank == 0 and not (os.path.isdir(data_dir) and os.listdir(data_dir)):
+        say(f"no images in {data_dir}: drawing {cfg.num_generated} procedural pandas there "
+            "(pass --data-dir to train on your own photos)")
+        generate_pandas(data_dir, cfg.num_generated, size=max(256, cfg.image_size), seed=cfg.seed)
+    if rank == 0:  # rank 0 builds the cache, the others then read it
+        ImageCache(data_dir, cfg.image_size, cfg.cache_dir)
+    barrier()
+    return ImageCache(data_dir, cfg.image_size, cfg.cache_dir)
+
+
+def check_architecture(saved, cfg):
+    """Refuse to resume across a change of the network's shape or meaning."""
+    diff = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in ARCH_FIELDS if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise SystemExit(f"error: run '{cfg.run}' was trained with a different architecture ({'; '.join(diff)}); "
+                         "use --fresh to start over or --run NAME for a new run")
+
+
+def build_training(cfg, device, world_size):
+    """Model, EMA copy, optimizer and the module to call for training (compiled / DDP)."""
+    torch.manual_seed(cfg.seed)
+    model = DiT.from_config(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    train_model = model
+    if world_size > 1:
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    return model, ema, optimizer, train_model
+
+
+def lr_at(cfg, step):
+    """Linear warm-up to cfg.lr, then constant or cosine down to 10%."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# the step
+
+
+def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
+    """One optimisation step. The update is skipped when the loss or gradient is not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast:
+        loss, eps, noise = diffusion.training_loss(train_model, x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_norm)
+    loss = all_mean(loss.detach())
+    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # same on every rank
+    if finite:
+        optimizer.step()
+    return dict(loss=loss, grad_norm=grad_norm, eps=eps.detach(), noise=noise, finite=finite)
+
+
+class Stopper:
+    """Turns SIGINT/SIGTERM into 'save and exit at the end of this step'; a second Ctrl-C exits at once."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            os._exit(130)  # checkpoints are written atomically: exiting mid-save loses nothing
+        self.requested = True
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (Ctrl-C again to quit now)")
+
+
+# ---------------------------------------------------------------------------------------------
+# logging (rank 0 only; on other ranks every call is a no-op)
+
+
+class Logger:
+    """TensorBoard writer in <log_dir>/<run>; continues the step axis of a resumed run."""
+
+    def __init__(self, cfg, step, enabled):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(cfg.log_dir, cfg.run), purge_step=step + 1 if step else None)  # drop events a crash left after the checkpoint
+
+    def scalars(self, step, **values):
+        for tag, value in values.items():
+            if self.writer is not None:
+                self.writer.add_scalar(tag, float(value), step)
+
+    def histograms(self, step, **values):
+        for tag, value in values.items():
+            if self.writer is not None:
+                self.writer.add_histogram(tag, value.float().cpu(), step)
+
+    def images(self, tag, grid, step):
+        if self.writer is not None:
+            self.writer.add_image(tag, grid, step)
+
+    def graph(self, model, inputs):
+        if self.writer is not None:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                self.writer.add_graph(model, inputs)
+
+    def text(self, tag, text, step):
+        if self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def sample_grid(cfg, model, diffusion, device, num_labels):
+    """A grid of DDIM samples from fixed noise, so grids at different steps are comparable."""
+    from torchvision.utils import make_grid
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
+    y = (torch.arange(cfg.sample_n) % num_labels).to(device)
+    was_training = model.training
+    model.eval()
+    images = diffusion.sample(model, noise, y, "ddim", min(cfg.sample_steps, cfg.max_t),
+                              generator=torch.Generator(device).manual_seed(cfg.seed + 2))
+    model.train(was_training)
+    return make_grid((images.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed helpers (no-ops in a single process)
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(x):
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def any_rank(flag, device):
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+def say(message, rank=0):
+    if rank == 0:
+        tqdm.write(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_states(device):
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def make_state(r, p):
+    return {
+        "model": r.model.state_dict(),
+        "ema": r.ema.state_dict() if r.ema is not None else None,
+        "optimizer": r.optimizer.state_dict(),
+        **p,
+        "rng": rng_states(r.device),
+        "config": vars(r.cfg).copy(),
+        "classes": list(r.data.classes),
+    }
+
+
+def restore(state, model, ema, optimizer, device):
+    model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_states(state["rng"], device)
+    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps")
+    return {k: state.get(k, 0) for k in keys}
+
+
+def save(r, p):
+    """Save on rank 0; refuse to write non-finite weights."""
+    if r.rank != 0:
+        return
+    if not all(torch.isfinite(t).all() for t in r.model.parameters()):
+        say("warning: weights are not finite; checkpoint NOT written (the previous one is kept)")
+        return
+    folder = os.path.join(r.cfg.ckpt_dir, r.cfg.run)
+    try:
+        save_checkpoint(make_state(r, p), folder, r.cfg.keep_last, r.cfg.milestone_every)
+    except OSError as e:
+        raise SystemExit(f"error: could not write a checkpoint to {folder} ({e}); "
+                         "free space or choose another --ckpt-dir (the previous checkpoint is intact)")
+
+
+def check_writable(*folders):
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write_test{os.getpid()}")
+            with open(probe, "wb") as f:
+                f.write(b"0" * 4096)
+            os.remove(probe)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to '{folder}' ({e.strerror}); "
+                             "fix its permissions/free space or pass another --ckpt-dir/--log-dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    overrides, fresh = parse_args(argv)
+    rank, world_size, local_rank = setup_distributed()
+    try:
+        cfg, state = resolve_config(overrides, fresh, rank)
+        device = select_device(cfg.device, local_rank)
+        data = load_data(cfg, rank)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    cfg.num_labels = len(data.classes)
+    if state is not None:
+        check_architecture(state["config"], cfg)
+    run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+    if rank == 0:
+        check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run))
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=2)
+    r, progress = setup_run(cfg, data, state, device, rank, world_size)
+    if progress["step"] == 0:
+        log_start(r)
+    run_loop(r, progress)
+    r.log.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop touches, built once by `setup_run`."""
+    cfg: Config
+    data: ImageCache
+    model: torch.nn.Module  # the plain module: checkpoints, EMA, graph
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    train_model: torch.nn.Module  # what the step calls: maybe compiled and/or DDP-wrapped
+    diffusion: object
+    batches: EpochBatches
+    loader: torch.utils.data.DataLoader
+    log: "Logger"
+    autocast: object
+    device: torch.device
+    rank: int
+
+
+def setup_run(cfg, data, state, device, rank, world_size):
+    model, ema, optimizer, train_model = build_training(cfg, device, world_size)
+    progress = dict(step=0, epoch=0, epoch_pos=0, epoch_loss_sum=0.0, epoch_batches=0, bad_steps=0)
+    if state is not None:
+        progress = restore(state, model, ema, optimizer, device)
+    batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip, rank, world_size)
+    loader = make_loader(data, batches, cfg.num_workers, pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
+    log = Logger(cfg, progress["step"], enabled=rank == 0)
+    r = Run(cfg, data, model, ema, optimizer, train_model, make_diffusion(cfg, device), batches, loader, log, autocast, device, rank)
+    say(f"preset {cfg.preset}, run '{cfg.run}': {len(data)} images, {len(data.classes)} label(s), "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+        f"global batch {batches.global_batch} ({cfg.batch_size} x {world_size} process(es))", rank)
+    return r, progress
+
+
+def log_start(r):
+    """Config text and the model graph, once per run."""
+    cfg = r.cfg
+    r.log.text("config", "```\n" + json.dumps(vars(cfg), indent=2) + "\n```", 0)
+    if cfg.log_graph:
+        x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=r.device)
+        t = torch.zeros(1, dtype=torch.long, device=r.device)
+        r.log.graph(r.model, (x, t, t))
+
+
+def account(r, p, out):
+    """After a step: EMA, epoch loss sums, the run of non-finite steps."""
+    if out["finite"]:
+        if r.ema is not None:
+            decay = min(r.cfg.ema_decay, (1 + p["step"]) / (10 + p["step"])) if r.cfg.ema_warmup else r.cfg.ema_decay
+            ema_update(r.ema, r.model, decay)
+        p.update(bad_steps=0, epoch_loss_sum=p["epoch_loss_sum"] + float(out["loss"]), epoch_batches=p["epoch_batches"] + 1)
+    else:
+        p["bad_steps"] += 1
+        r.log.scalars(p["step"], **{"Train/skipped_nonfinite": p["bad_steps"]})
+    p["step"] += 1
+    p["epoch_pos"] += r.batches.global_batch
+    if p["bad_steps"] >= r.cfg.max_bad_steps:
+        raise SystemExit(f"error: {p['bad_steps']} consecutive non-finite losses/gradients at step {p['step']}; "
+                         "lower --lr or --grad-clip (the last good checkpoint is kept)")
+
+
+class Meter:
+    """Images per second between two log points."""
+
+    def __init__(self, step):
+        self.time, self.step = time.time(), step
+
+    def rate(self, step, global_batch):
+        now = time.time()
+        rate = (step - self.step) * global_batch / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return rate
+
+
+def periodic(r, p, out, meter, bar):
+    """Scalars, histograms and sample grids, each at its own interval."""
+    cfg, step = r.cfg, p["step"]
+    if step % cfg.log_every == 0:
+        rate = meter.rate(step, r.batches.global_batch)
+        r.log.scalars(step, **{"Loss/batch": out["loss"], "Train/lr": lr_at(cfg, step - 1),
+                               "Train/grad_norm": out["grad_norm"], "Train/images_per_s": rate})
+        bar.set_postfix(loss=f"{float(out['loss']):.4f}", img_s=f"{rate:.1f}")
+    if cfg.hist_every and step % cfg.hist_every == 0:
+        r.log.histograms(step, **{"Noise/predicted": out["eps"], "Noise/target": out["noise"]})
+    if cfg.sample_every and step % cfg.sample_every == 0 and r.rank == 0:
+        r.log.images("Samples", sample_grid(cfg, r.ema or r.model, r.diffusion, r.device, len(r.data.classes)), step)
+
+
+def end_epoch(r, p):
+    if p["epoch_batches"]:
+        r.log.scalars(p["step"], **{"Loss/epoch": p["epoch_loss_sum"] / p["epoch_batches"]})
+    p.update(epoch=p["epoch"] + 1, epoch_pos=0, epoch_loss_sum=0.0, epoch_batches=0)
+
+
+def run_loop(r, p):
+    """Train until max_steps, the time budget, or a signal; checkpoint on the way out."""
+    cfg, stopper, start = r.cfg, Stopper(), time.time()
+    bar = tqdm(total=cfg.max_steps, initial=p["step"], disable=r.rank != 0, desc=cfg.run, dynamic_ncols=True)
+    meter = Meter(p["step"])
+    while p["step"] < cfg.max_steps:
+        r.batches.set_position(p["epoch"], p["epoch_pos"])
+        for x, y in r.loader:
+            x = x.to(r.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+            out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr_at(cfg, p["step"]), cfg, r.autocast)
+            account(r, p, out)
+            bar.update(1)
+            periodic(r, p, out, meter, bar)
+            out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
+            stop = any_rank(stopper.requested or out_of_time, r.device)
+            done = p["step"] >= cfg.max_steps
+            if p["step"] % cfg.ckpt_every == 0 or stop or done:
+                save(r, p)
+            if stop or done:
+                break
+        else:
+            end_epoch(r, p)
+            continue
+        break
+    bar.close()
+    more = "reached --max-steps; raise it" if p["step"] >= cfg.max_steps else "run the same command"
+    say(f"stopped at step {p['step']} ({more} to continue); checkpoints in {os.path.join(cfg.ckpt_dir, cfg.run)}", r.rank)
+
+
+if __name__ == "__main__":
+    main()
