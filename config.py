@@ -65,6 +65,10 @@ class Config:
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sample_steps: int = knob(50, "DDIM steps for the TensorBoard samples")
+    eval_every: int = knob(0, "steps between SWD evaluations (Quality/swd, best.pt; 0 = off)")
+    eval_n: int = knob(256, "images generated for each SWD evaluation")
+    eval_steps: int = knob(50, "DDIM steps for the SWD evaluation samples")
+    holdout: int = knob(0, "last N images (sorted) not trained on, the SWD reference (0 = eval_n training images)")
     ckpt_every: int = knob(500, "steps between checkpoints (latest.pt)")
     keep_last: int = knob(3, "periodic checkpoints to keep besides milestones")
     milestone_every: int = knob(5000, "steps between checkpoints that are never deleted (0 = none)")
@@ -145,6 +149,8 @@ def check_config(cfg):
         problems.append(f"lr_schedule must be constant or cosine, not '{cfg.lr_schedule}'")
     if min(cfg.batch_size, cfg.max_t, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.emb_dim) < 1:
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
+    if cfg.eval_every < 0 or cfg.eval_n < 1 or cfg.eval_steps < 1 or cfg.holdout < 0:
+        problems.append("eval_every and holdout must be >= 0, eval_n and eval_steps >= 1")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
     if problems:

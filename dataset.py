@@ -109,8 +109,10 @@ def build_cache(files, size, path):
 class ImageCache(torch.utils.data.Dataset):
     """Decoded images of a folder as one memory-mapped uint8 tensor; items are (CHW uint8, label)."""
 
-    def __init__(self, root, size, cache_dir):
+    def __init__(self, root, size, cache_dir, exclude=()):
         files, self.classes = find_images(root)
+        exclude = set(exclude)  # paths held out, e.g. as the SWD reference (metrics.holdout_split)
+        files = [(f, label) for f, label in files if f not in exclude]
         if not files:
             raise DataError(f"no images ({', '.join(EXTENSIONS)}) found in '{root}'; add some or point --data-dir elsewhere")
         os.makedirs(cache_dir, exist_ok=True)

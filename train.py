@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, load_latest, save_checkpoint
+from checkpoint import CheckpointError, atomic_save, load_latest, save_checkpoint
 from config import ARCH_FIELDS, PRESETS, Config, add_config_flags, build_config, config_from_dict
 from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, generate_pandas, make_loader
 from diffusion import make_diffusion
 from dit import DiT
+import metrics
 
 
 def parse_args(argv=None):
@@ -105,10 +106,11 @@ def load_data(cfg, rank):
         say(f"no images in {data_dir}: drawing {cfg.num_generated} procedural pandas there "
             "(pass --data-dir to train on your own photos)")
         generate_pandas(data_dir, cfg.num_generated, size=max(256, cfg.image_size), seed=cfg.seed)
+    held = metrics.holdout_split(metrics.folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
     if rank == 0:  # rank 0 builds the cache, the others then read it
-        ImageCache(data_dir, cfg.image_size, cfg.cache_dir)
+        ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
     barrier()
-    return ImageCache(data_dir, cfg.image_size, cfg.cache_dir)
+    return ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
 
 
 def check_architecture(saved, cfg):
@@ -309,7 +311,7 @@ def restore(state, model, ema, optimizer, device):
         ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
     optimizer.load_state_dict(state["optimizer"])
     set_rng_states(state["rng"], device)
-    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps")
+    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps", "best_swd")
     return {k: state.get(k, 0) for k in keys}
 
 
@@ -457,6 +459,39 @@ def periodic(r, p, out, meter, bar):
         r.log.histograms(step, **{"Noise/predicted": out["eps"], "Noise/target": out["noise"]})
     if cfg.sample_every and step % cfg.sample_every == 0 and r.rank == 0:
         r.log.images("Samples", sample_grid(cfg, r.ema or r.model, r.diffusion, r.device, len(r.data.classes)), step)
+    if cfg.eval_every and step % cfg.eval_every == 0:
+        evaluate(r, p)
+
+
+def evaluate(r, p):
+    """SWD (metrics.py) of eval_n EMA samples vs the reference photos at 64 px; a new best is saved as best.pt."""
+    from torchvision.utils import make_grid
+    cfg, step, t0 = r.cfg, p["step"], time.time()
+    if r.rank != 0:
+        return
+    model, size, chunk = r.ema or r.model, cfg.image_size, cfg.batch_size
+    noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(cfg.seed + 3))
+    y = torch.arange(cfg.eval_n) % len(r.data.classes)
+    was_training = model.training
+    model.eval()
+    fake = torch.cat([r.diffusion.sample(model, noise[i:i + chunk].to(r.device), y[i:i + chunk].to(r.device), "ddim",
+                                         min(cfg.eval_steps, cfg.max_t)).float().cpu()
+                      for i in range(0, cfg.eval_n, chunk)])  # DDIM eta=0 from fixed noise: depends only on the weights
+    model.train(was_training)
+    paths = metrics.reference_paths(cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, cfg.eval_n)
+    result = metrics.swd(metrics.reference_images(tuple(paths), metrics.EVAL_SIZE), metrics.to_uint8(fake), seed=cfg.seed)
+    levels = dict(zip(result["resolutions"], result["levels"]))
+    r.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
+    r.log.images("Quality/samples", make_grid((fake[:cfg.sample_n] + 1) / 2, nrow=int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))), step)
+    best = p.get("best_swd") or math.inf  # absent (or 0 from an older checkpoint): no best yet
+    say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
+        + f") vs {len(paths)} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
+    if result["mean"] < best:
+        p["best_swd"] = result["mean"]
+        try:
+            atomic_save(make_state(r, p), os.path.join(cfg.ckpt_dir, cfg.run, "best.pt"))
+        except OSError as e:
+            say(f"warning: could not write best.pt ({e}); training goes on")
 
 
 def end_epoch(r, p):
