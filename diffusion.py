@@ -31,6 +31,7 @@ class Diffusion:
         )
         for name, value in terms.items():
             setattr(self, name, value.to(device=device, dtype=torch.float32))
+        self.alphas_cumprod_64 = alphas_cumprod  # CPU float64: DDIM coefficients for arbitrary (t, t_prev)
 
     @staticmethod
     def _at(values, t, x):
@@ -83,15 +84,19 @@ class Diffusion:
         return mean + var.sqrt() * noise, x_start
 
     def ddim_step(self, eps, x_t, t, t_prev, eta=0.0, generator=None, clip=True):
-        """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev = -1 means the clean image."""
-        a_t = self._at(self.alphas_cumprod, t, x_t)
-        a_prev = self._at(self.alphas_cumprod, t_prev, x_t) if t_prev[0] >= 0 else torch.ones_like(a_t)
+        """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev = -1 means the clean image.
+
+        The whole batch is at one t (as in `sample`). Its coefficients are Python floats from the
+        float64 table: 1 - alpha-bar in float32 keeps only ~3 digits near t = 0.
+        """
+        a_t = self.alphas_cumprod_64[int(t[0])].item()
+        a_prev = self.alphas_cumprod_64[int(t_prev[0])].item() if t_prev[0] >= 0 else 1.0
         x_start = self.predict_start(x_t, t, eps)
         if clip:  # keep eps consistent with the clipped x_0, as the DDPM step does implicitly
             x_start = x_start.clamp(-1, 1)
-            eps = (x_t - a_t.sqrt() * x_start) / (1 - a_t).sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        x_prev = a_prev.sqrt() * x_start + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            eps = (x_t - a_t ** 0.5 * x_start) / (1 - a_t) ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x_prev = a_prev ** 0.5 * x_start + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if eta > 0 and t_prev[0] >= 0:
             x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
         return x_prev, x_start

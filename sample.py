@@ -41,6 +41,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def pick_device(name):
+    """auto -> cuda if available, else cpu; an unknown or unavailable device is a clear error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
 def newest_checkpoint(ckpt_dir):
     """latest.pt (or newest step file) of the most recently written run in ckpt_dir."""
     runs = []
@@ -108,15 +121,15 @@ def trajectory_strip(frames):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
+    path = args.ckpt
     try:
-        path = args.ckpt or newest_checkpoint(args.ckpt_dir)
+        path = path or newest_checkpoint(args.ckpt_dir)
         state = load_checkpoint(path, map_location="cpu")
         cfg, model = load_model(state, args.ema, device)
     except (CheckpointError, RuntimeError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {e}" if isinstance(e, CheckpointError) else
-                         f"error: '{args.ckpt}' does not match this project's model ({type(e).__name__}); pass a checkpoint written by train.py")
+                         f"error: '{path}' does not match this project's model ({type(e).__name__}); pass a checkpoint written by train.py")
     classes = state.get("classes") or [str(i) for i in range(cfg.num_labels)]
     steps = check_args(args, cfg, model)
     label = parse_label(args.label, classes)

@@ -1,0 +1,205 @@
+"""Diffusion maths against formulas recomputed here in float64: schedule, q(x_t|x_0), DDPM, DDIM, guidance."""
+import math
+
+import pytest
+import torch
+
+from diffusion import Diffusion
+from dit import DiT
+
+T = 1000
+TS = [0, 1, 17, 250, 500, 998, 999]
+
+
+def schedule64(max_t=T, beta_start=1e-4, beta_end=0.02):
+    """(betas, alpha-bar) of the linear schedule, in plain float64 Python (no torch)."""
+    betas = [beta_start + (beta_end - beta_start) * i / (max_t - 1) for i in range(max_t)]
+    abar, running = [], 1.0
+    for b in betas:
+        running *= 1.0 - b
+        abar.append(running)
+    return betas, abar
+
+
+BETAS, ABAR = schedule64()
+
+
+def abar_at(t):
+    return 1.0 if t < 0 else ABAR[t]
+
+
+def close(actual, expected, tol=1e-6):
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def at(t, n=2):
+    return torch.full((n,), t, dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def diff():
+    return Diffusion(T, 1e-4, 0.02)
+
+
+def oracle(x0):
+    """A 'model' returning the exact noise that produced x_t from the known x0 (float64 schedule)."""
+    def model(x_t, t, y):
+        a = torch.tensor([ABAR[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        return ((x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).float()
+    return model
+
+
+def test_schedule_matches_closed_form(diff):
+    """betas are linear 1e-4..0.02 and every precomputed term equals its closed form at several t."""
+    for t in TS:
+        b, a, a_prev = BETAS[t], ABAR[t], abar_at(t - 1)
+        expected = dict(
+            betas=b, alphas_cumprod=a, alphas_cumprod_prev=a_prev, sqrt_alphas_cumprod=math.sqrt(a),
+            sqrt_one_minus_alphas_cumprod=math.sqrt(1 - a), sqrt_recip_alphas_cumprod=math.sqrt(1 / a),
+            sqrt_recipm1_alphas_cumprod=math.sqrt(1 / a - 1), posterior_variance=b * (1 - a_prev) / (1 - a))
+        for name, value in expected.items():
+            assert getattr(diff, name)[t].item() == pytest.approx(value, rel=1e-6, abs=1e-9), (name, t)
+    assert diff.betas.shape == (T,)
+    assert diff.betas[0].item() == pytest.approx(1e-4) and diff.betas[-1].item() == pytest.approx(0.02)
+
+
+def test_q_sample_statistics(diff):
+    """Over many noise draws x_t has mean sqrt(abar) x0 and variance 1 - abar."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tensor([-0.9, -0.3, 0.0, 0.5, 1.0]).view(1, 5, 1, 1)
+    n = 20000
+    for t in (0, 100, 500, 999):
+        noise = torch.randn(n, 5, 1, 1, generator=g)
+        x_t = diff.q_sample(x0.expand(n, -1, -1, -1), at(t, n), noise)
+        a = ABAR[t]
+        mean, var = x_t.double().mean(0).flatten(), x_t.double().var(0).flatten()
+        sd_mean = math.sqrt((1 - a) / n)  # standard error of the mean
+        assert (mean - math.sqrt(a) * x0.flatten()).abs().max() < 5 * sd_mean + 1e-6, t
+        assert (var - (1 - a)).abs().max() < 5 * (1 - a) * math.sqrt(2 / n) + 1e-7, t
+
+
+def test_q_sample_is_the_closed_form(diff):
+    """q_sample(x0, t, eps) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps exactly to float precision."""
+    x0, eps = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    for t in TS:
+        a = ABAR[t]
+        close(diff.q_sample(x0, at(t), eps), math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps.double())
+
+
+def test_posterior_matches_ho_et_al_eq_6_7(diff):
+    """q(x_{t-1}|x_t,x_0): mean and variance are Ho et al. 2020 eq. 7, to 1e-6 at several t."""
+    x0, x_t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    for t in TS:
+        b, a, a_prev = BETAS[t], ABAR[t], abar_at(t - 1)
+        mean = (math.sqrt(a_prev) * b / (1 - a)) * x0.double() + (math.sqrt(1 - b) * (1 - a_prev) / (1 - a)) * x_t.double()
+        var = (1 - a_prev) / (1 - a) * b
+        got_mean, got_var = diff.q_posterior(x0, x_t, at(t))
+        close(got_mean, mean)
+        close(got_var.flatten(), torch.full((2,), var, dtype=torch.float64))
+
+
+def test_ddpm_step_matches_formula(diff):
+    """One ancestral step is mu(x0_hat, x_t) + sqrt(var) z with x0_hat from eps (no noise at t = 0)."""
+    x_t, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t in TS:
+        b, a, a_prev = BETAS[t], ABAR[t], abar_at(t - 1)
+        x0_hat = (x_t.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)
+        mean = (math.sqrt(a_prev) * b / (1 - a)) * x0_hat + (math.sqrt(1 - b) * (1 - a_prev) / (1 - a)) * x_t.double()
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t)).double() if t > 0 else 0.0
+        expected = mean + math.sqrt((1 - a_prev) / (1 - a) * b) * z
+        got, got_x0 = diff.ddpm_step(eps, x_t, at(t), torch.Generator().manual_seed(t), clip=False)
+        close(got, expected)
+        close(got_x0, x0_hat, tol=1e-6 / math.sqrt(a))  # x0_hat amplifies float32 rounding by 1/sqrt(abar)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_matches_song_et_al_eq_12(diff, eta):
+    """x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z (Song et al. 2021 eq. 12)."""
+    x_t, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for t, t_prev in [(999, 979), (500, 499), (250, 0), (17, 3), (1, 0), (0, -1), (999, -1)]:
+        a, a_prev = ABAR[t], abar_at(t_prev)
+        x0_hat = (x_t.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a)) * math.sqrt(1 - a / a_prev)
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t)).double() if t_prev >= 0 else 0.0
+        expected = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev - sigma ** 2) * eps.double() + sigma * z
+        got, _ = diff.ddim_step(eps, x_t, at(t), at(t_prev), eta, torch.Generator().manual_seed(t), clip=False)
+        close(got, expected, tol=1e-6 / math.sqrt(a) if t_prev < 0 else 1e-6)  # t_prev = -1: x0_hat itself
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 50, 1000])
+def test_ddim_with_oracle_recovers_x0(diff, steps):
+    """Given the true noise, deterministic DDIM lands on x0 for any step count, staying on q(x_t|x0)'s path."""
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps))
+    eps = (noise.double() - math.sqrt(ABAR[-1]) * x0) / math.sqrt(1 - ABAR[-1])  # the noise in x_{T-1}
+    ts = diff.timesteps(steps) + [-1]
+    path = []  # x after step i sits at t = ts[i + 1], and eta = 0 keeps the same eps all the way
+    record = lambda i, t, x, x_start: path.append((ts[i + 1], x.clone()))
+    out = diff.sample(oracle(x0), noise, torch.zeros(2, dtype=torch.long), "ddim", steps, clip=False, callback=record)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert len(path) == steps
+    for t_next, x in path:
+        a = abar_at(t_next)
+        torch.testing.assert_close(x.double(), math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps, atol=1e-4, rtol=0)
+
+
+def test_ddpm_1000_with_oracle_recovers_x0(diff):
+    """The faithful 1000-step ancestral sampler, given the true noise, ends at x0."""
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = diff.sample(oracle(x0), noise, torch.zeros(2, dtype=torch.long), "ddpm", T,
+                      generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)
+
+
+def small_dit(**kw):
+    args = dict(image_size=8, patch_size=2, emb_dim=16, depth=1, num_heads=2, head_dim=8, adaln_zero=False)
+    return DiT(**{**args, **kw}).eval()
+
+
+def test_ddim_eta1_all_steps_is_ddpm():
+    """DDIM with steps = max_t and eta = 1 gives the ancestral sampler's images for the same seed."""
+    diffusion = Diffusion(100)
+    model = small_dit()
+    noise, y = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    ddpm = diffusion.sample(model, noise, y, "ddpm", 100, generator=torch.Generator().manual_seed(5))
+    ddim = diffusion.sample(model, noise, y, "ddim", 100, eta=1.0, generator=torch.Generator().manual_seed(5))
+    other = diffusion.sample(model, noise, y, "ddpm", 100, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(ddim, ddpm, atol=1e-4, rtol=0)
+    assert (other - ddpm).abs().max() > 1e-2  # and the seed matters, so the match is not vacuous
+
+
+def test_classifier_free_guidance_scales():
+    """Guidance scale 1 is the conditional prediction, 0 the unconditional, s the extrapolation between."""
+    model = small_dit(num_labels=3, label_dropout=0.2)
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([5, 50, 90]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, model.null_label))
+        assert (cond - uncond).abs().max() > 1e-4  # labels matter, so the checks below mean something
+        torch.testing.assert_close(Diffusion.guided_eps(model, x, t, y, 1.0), cond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Diffusion.guided_eps(model, x, t, y, 0.0), uncond, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(Diffusion.guided_eps(model, x, t, y, 4.0), uncond + 4 * (cond - uncond),
+                                   atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 100), ("ddpm", 7)])
+def test_sampler_output_in_range(sampler, steps):
+    """Even a wild noise predictor yields images inside [-1, 1], with and without x0 clipping."""
+    diffusion = Diffusion(100)
+    noise, y = torch.randn(2, 3, 8, 8) * 3, torch.zeros(2, dtype=torch.long)
+    for clip in (True, False):
+        out = diffusion.sample(lambda x, t, y: -5 * x, noise, y, sampler, steps, eta=0.3, clip=clip)
+        assert out.shape == noise.shape and out.min() >= -1 and out.max() <= 1
+        assert torch.isfinite(out).all()
+
+
+def test_timesteps_bounds():
+    """timesteps(n) runs from max_t - 1 down to 0; n < 1 or n > max_t is refused."""
+    diffusion = Diffusion(100)
+    assert diffusion.timesteps(100) == list(range(99, -1, -1))
+    assert diffusion.timesteps(1) == [99]
+    ts = diffusion.timesteps(10)
+    assert ts[0] == 99 and ts[-1] == 0 and len(set(ts)) == 10 and ts == sorted(ts, reverse=True)
+    for bad in (0, -3, 101):
+        with pytest.raises(ValueError, match="steps"):
+            diffusion.timesteps(bad)

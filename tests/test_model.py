@@ -1,0 +1,112 @@
+"""The network alone: shapes, patch bookkeeping, adaLN-Zero init, attention maths, label table."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit import Attention, DiT, LabelEmbedder
+
+
+def tiny_dit(**kw):
+    args = dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16, num_labels=1)
+    return DiT(**{**args, **kw})
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),  # the tiny preset
+    dict(num_heads=6, head_dim=64),  # the description's heads: 6 x 64 on a 32-wide stream
+    dict(image_size=8, patch_size=2, in_channels=1, num_heads=3, head_dim=5, num_labels=3, label_dropout=0.1),
+    dict(adaln_zero=False, depth=1, mlp_ratio=2.0, freq_dim=33),
+])
+def test_output_shape_matches_input(kw):
+    """eps = DiT(x_t, t, y) has the image's shape (N, C, H, W) for several architectures."""
+    model = tiny_dit(**kw)
+    C, H = kw.get("in_channels", 3), kw.get("image_size", 16)
+    x = torch.randn(3, C, H, H)
+    out = model(x, torch.tensor([0, 5, 99]), torch.zeros(3, dtype=torch.long))
+    assert out.shape == (3, C, H, H)
+    assert torch.isfinite(out).all()
+
+
+def test_patchify_unpatchify_round_trip_is_exact():
+    """unpatchify(patchify(x)) == x bit for bit, and token k holds patch (k // g, k % g)."""
+    model = tiny_dit(image_size=12, patch_size=3, in_channels=2)
+    x = torch.randn(2, 2, 12, 12)
+    tokens = model.patchify(x)
+    assert tokens.shape == (2, 16, 3 * 3 * 2)
+    assert torch.equal(model.unpatchify(tokens), x)
+    row, col = 2, 1  # token 2*4+1 is the patch at rows 6:9, columns 3:6
+    patch = x[:, :, 6:9, 3:6].permute(0, 2, 3, 1).reshape(2, -1)  # (N, p*p*C) in (p, p, C) order
+    assert torch.equal(tokens[:, row * 4 + col], patch)
+
+
+def test_adaln_zero_starts_as_zero_output_and_identity_blocks():
+    """adaLN-Zero init: every block is the identity and the first prediction is exactly 0."""
+    model = tiny_dit(adaln_zero=True)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 70]), torch.zeros(2, dtype=torch.long)
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)
+
+
+def test_plain_init_is_not_zero():
+    """adaln_zero=False (the description's model) starts with non-trivial blocks and output."""
+    model = tiny_dit(adaln_zero=False)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 70]), torch.zeros(2, dtype=torch.long)
+    assert model(x, t, y).abs().mean() > 1e-3
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    assert (model.blocks[0](h, c) - h).abs().mean() > 1e-3
+
+
+def test_attention_matches_explicit_softmax_reference():
+    """Attention is softmax(Q K^T / sqrt(head_dim)) V per head (not / sqrt(sequence length))."""
+    torch.manual_seed(1)
+    dim, heads, head_dim, T = 24, 3, 8, 36  # T != head_dim, so the two scalings differ
+    attn = Attention(dim, heads, head_dim)
+    x = torch.randn(2, T, dim)
+    q, k, v = attn.qkv(x).view(2, T, 3, heads, head_dim).double().unbind(2)  # each (N, T, H, d)
+    q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # (N, H, T, d)
+
+    def reference(scale):
+        weights = torch.softmax(q @ k.transpose(-1, -2) / scale, dim=-1)  # (N, H, T, T)
+        mixed = (weights @ v).transpose(1, 2).reshape(2, T, heads * head_dim)  # (N, T, H*d)
+        return F.linear(mixed, attn.proj.weight.double(), attn.proj.bias.double()).float()
+
+    expected, wrong = reference(math.sqrt(head_dim)), reference(math.sqrt(T))
+    out = attn(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (out - wrong).abs().max() > 1e-3  # the test can tell the reference's bug apart
+
+
+def test_label_table_has_null_row_only_with_dropout():
+    """A null label (for classifier-free guidance) exists only when label_dropout > 0."""
+    plain = LabelEmbedder(num_labels=3, dim=8, dropout=0.0)
+    assert plain.null_label is None and plain.table.num_embeddings == 3
+    cfg = LabelEmbedder(num_labels=3, dim=8, dropout=0.1)
+    assert cfg.null_label == 3 and cfg.table.num_embeddings == 4
+    assert tiny_dit(num_labels=3, label_dropout=0.1).null_label == 3
+    assert tiny_dit(num_labels=3).null_label is None
+
+
+def test_label_dropout_only_in_training_mode():
+    """In training, about `dropout` of the labels become the null label; in eval none do."""
+    torch.manual_seed(0)
+    emb = LabelEmbedder(num_labels=2, dim=8, dropout=0.5)
+    y = torch.ones(2000, dtype=torch.long)
+    null_row, label_row = emb.table.weight[2], emb.table.weight[1]
+    out = emb.train()(y)
+    dropped = (out == null_row).all(dim=1)
+    assert ((out == label_row).all(dim=1) | dropped).all()
+    assert 0.4 < dropped.float().mean() < 0.6
+    assert (emb.eval()(y) == label_row).all()
+
+
+def test_from_config_builds_the_preset(tiny_cfg):
+    """DiT.from_config honours the config's architecture (tiny: 2 blocks, width 32, 2 heads x 16, 16 tokens)."""
+    model = DiT.from_config(tiny_cfg)
+    assert len(model.blocks) == 2 and model.pos_embed.shape == (1, 16, 32)
+    assert model.blocks[0].attn.qkv.out_features == 3 * 2 * 16
+    x = torch.randn(2, 3, 16, 16)
+    assert model(x, torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)).shape == x.shape

@@ -1,0 +1,196 @@
+"""sample.py from real (tiny) checkpoints: files written, determinism, labels, guidance, and clear errors."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import diffusion
+import sample
+from conftest import make_pandas, run_train
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny runs on a two-label folder: 'plain' (no label dropout), then 'guided' (label dropout 0.2)."""
+    root = tmp_path_factory.mktemp("sample")
+    make_pandas(root / "pandas" / "giant", 3, seed=0)
+    make_pandas(root / "pandas" / "red", 3, seed=1)
+    work = root / "work"
+    quick = ("--max-steps", 4, "--sample-every", 0, "--no-log-graph")
+    run_train(work, root / "pandas", "--run", "plain", *quick)
+    run_train(work, root / "pandas", "--run", "guided", "--label-dropout", 0.2, *quick)
+    return work
+
+
+@pytest.fixture
+def plain(runs):
+    return str(runs / "checkpoints/plain/latest.pt")
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def run_sample(*argv):
+    sample.main([str(a) for a in argv])
+
+
+def error_of(*argv):
+    """The message sample.py exits with; it must be an error exit."""
+    with pytest.raises(SystemExit) as e:
+        run_sample(*argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def test_writes_grid_and_one_png_per_image(plain, tmp_path, capsys):
+    """--n 5 gives grid.png plus 0000..0004.png at the model's resolution, and says where they went."""
+    run_sample("--ckpt", plain, "--n", 5, "--steps", 5, "--out", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "grid.png"]
+    assert Image.open(tmp_path / "0003.png").size == (16, 16)
+    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns, 2 rows, 2 px padding
+    assert str(tmp_path / "grid.png") in capsys.readouterr().out
+
+
+def test_default_output_is_samples_run_step(plain, tmp_path, monkeypatch):
+    """Without --out, images go to samples/<run>/<step>/ under the current folder."""
+    monkeypatch.chdir(tmp_path)
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 3)
+    assert sorted(os.listdir(tmp_path / "samples/plain/4")) == ["0000.png", "0001.png", "grid.png"]
+
+
+def test_no_arguments_uses_newest_run(runs, monkeypatch):
+    """Plain `python sample.py` picks the newest run's latest checkpoint from ./checkpoints."""
+    monkeypatch.chdir(runs)
+    os.utime(runs / "checkpoints/plain/latest.pt", (1, 1))  # 'guided' is clearly the newer run
+    run_sample("--n", 1, "--steps", 2)
+    assert os.path.exists(runs / "samples/guided/4/grid.png")
+
+
+def test_same_seed_same_images_other_seed_other_images(plain, tmp_path):
+    """--seed fixes the images exactly; another seed gives other images; the batch size does not matter."""
+    for name, seed, batch in (("a", 3, 64), ("b", 3, 2), ("c", 4, 64)):
+        run_sample("--ckpt", plain, "--n", 3, "--steps", 5, "--seed", seed, "--batch-size", batch, "--out", tmp_path / name)
+    for i in range(3):
+        a, b, c = (pixels(tmp_path / name / f"{i:04d}.png") for name in "abc")
+        assert np.abs(a - b).max() <= 1  # batched differently: same images up to rounding
+        assert np.abs(a - c).mean() > 5
+    run_sample("--ckpt", plain, "--n", 3, "--steps", 5, "--seed", 3, "--out", tmp_path / "a2")
+    assert np.array_equal(pixels(tmp_path / "a/grid.png"), pixels(tmp_path / "a2/grid.png"))
+
+
+def test_trajectory_strip(plain, tmp_path):
+    """--trajectory writes a two-row strip (x_t, predicted x0) of 16 frames, or fewer with fewer steps."""
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 20, "--trajectory", "--out", tmp_path / "t20")
+    assert Image.open(tmp_path / "t20/trajectory.png").size == (16 * 18 + 2, 2 * 18 + 2)
+    run_sample("--ckpt", plain, "--n", 1, "--steps", 5, "--trajectory", "--out", tmp_path / "t5")
+    assert Image.open(tmp_path / "t5/trajectory.png").size == (5 * 18 + 2, 2 * 18 + 2)
+    run_sample("--ckpt", plain, "--n", 1, "--steps", 5, "--out", tmp_path / "none")
+    assert not os.path.exists(tmp_path / "none/trajectory.png")
+
+
+@pytest.fixture
+def labels_seen(monkeypatch):
+    """Records the label tensor each Diffusion.sample call receives."""
+    seen, real = [], diffusion.Diffusion.sample
+
+    def spy(self, model, noise, y, *args, **kwargs):
+        seen.append(y.tolist())
+        return real(self, model, noise, y, *args, **kwargs)
+    monkeypatch.setattr(diffusion.Diffusion, "sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("label,expected", [("red", [1] * 4), ("1", [1] * 4), ("giant", [0] * 4), ("", [0, 1, 0, 1])])
+def test_label_by_name_or_index(plain, tmp_path, labels_seen, label, expected):
+    """--label takes a training sub-folder name or an index; without it the labels take turns."""
+    run_sample("--ckpt", plain, "--n", 4, "--steps", 2, "--label", label, "--out", tmp_path)
+    assert labels_seen == [expected]
+
+
+def test_unknown_label_is_a_clear_error(plain, tmp_path):
+    """An unknown label name or index exits, listing the labels the checkpoint knows."""
+    for bad in ("panda", "2", "-1"):
+        message = error_of("--ckpt", plain, "--label", bad, "--out", tmp_path)
+        assert f"unknown label '{bad}'" in message and "giant" in message and "red" in message
+
+
+def test_guidance_needs_label_dropout(runs, plain, tmp_path):
+    """--cfg != 1 is refused for a model trained without label dropout, and works for one trained with it."""
+    message = error_of("--ckpt", plain, "--cfg", 3, "--out", tmp_path)
+    assert "--label-dropout" in message and "--cfg" in message
+    guided = str(runs / "checkpoints/guided/latest.pt")
+    for scale in (1, 3):
+        run_sample("--ckpt", guided, "--cfg", scale, "--n", 2, "--steps", 3, "--label", "red", "--out", tmp_path / f"s{scale}")
+    assert np.abs(pixels(tmp_path / "s1/grid.png") - pixels(tmp_path / "s3/grid.png")).max() > 0
+
+
+def test_steps_default_and_bounds(plain, tmp_path, capsys):
+    """--steps 0 means the sampler's default (max_t for ddpm); > max_t or negative is a clear error."""
+    run_sample("--ckpt", plain, "--sampler", "ddpm", "--n", 1, "--out", tmp_path)
+    assert "ddpm-100" in capsys.readouterr().out  # the tiny preset's max_t
+    for bad in (101, -2):
+        message = error_of("--ckpt", plain, "--steps", bad, "--out", tmp_path)
+        assert "--steps" in message and "max_t=100" in message and str(bad) in message
+
+
+def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
+    """Missing, random-bytes, truncated, foreign and unsafe files each exit with a message naming the file."""
+    missing = tmp_path / "missing.pt"
+    random_bytes = tmp_path / "noise.pt"
+    random_bytes.write_bytes(os.urandom(4096))
+    truncated = tmp_path / "truncated.pt"
+    data = open(plain, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": {}, "config": {}, "payload": shutil.Error("not plain data")}, unsafe)
+    for path in (missing, random_bytes, truncated, foreign, unsafe):
+        message = error_of("--ckpt", path, "--out", tmp_path / "out")
+        assert str(path) in message, message
+        assert "Traceback" not in message
+    assert "does not exist" in error_of("--ckpt", missing)
+    assert "refused" in error_of("--ckpt", unsafe)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(plain, tmp_path, monkeypatch):
+    """Weights that do not fit the saved config exit with a sentence naming the file, even when found by default."""
+    state = torch.load(plain, weights_only=True)
+    state["config"]["emb_dim"] = 48
+    wrong = tmp_path / "checkpoints/odd/latest.pt"
+    wrong.parent.mkdir(parents=True)
+    torch.save(state, wrong)
+    message = error_of("--ckpt", wrong, "--out", tmp_path / "out")
+    assert str(wrong) in message and "does not match" in message
+    monkeypatch.chdir(tmp_path)
+    assert os.path.join("checkpoints", "odd", "latest.pt") in error_of("--out", tmp_path / "out")
+
+
+def test_loading_maps_to_cpu_and_refuses_code(plain, tmp_path, monkeypatch):
+    """Checkpoints are read with map_location (a CUDA checkpoint loads on CPU) and weights_only=True."""
+    calls, real = [], torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    run_sample("--ckpt", plain, "--n", 1, "--steps", 1, "--out", tmp_path)
+    checkpoint.load_checkpoint(plain)
+    assert len(calls) == 2
+    for kwargs in calls:
+        assert kwargs.get("weights_only") is True
+        assert kwargs.get("map_location") in ("cpu", torch.device("cpu"))
+
+
+def test_bad_device_is_a_clear_error(plain, tmp_path, monkeypatch):
+    """An unknown --device, or cuda on a machine without CUDA, exits with one sentence, not a traceback."""
+    assert "unknown --device 'gpu'" in error_of("--ckpt", plain, "--device", "gpu", "--out", tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA is not available" in error_of("--ckpt", plain, "--device", "cuda", "--out", tmp_path)
+    run_sample("--ckpt", plain, "--device", "auto", "--n", 1, "--steps", 1, "--out", tmp_path)  # auto falls back to cpu
+    assert os.path.exists(tmp_path / "grid.png")
