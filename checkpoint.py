@@ -3,20 +3,22 @@
 A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, step, epoch,
 data position, RNG states, config as a dict, class names). Each is written to a temporary file
 in the same folder, fsynced, then renamed over its final name, so a crash at any moment
-leaves either the old file or the new one. `latest.pt` is a hard link to the newest
-`step_XXXXXXX.pt`. Loading always uses `weights_only=True`, so a file that would run code
-when unpickled is refused.
+leaves either the old file or the new one (a killed writer's temp file is removed by the next
+save). `latest.pt` is a hard link to the newest `step_XXXXXXX.pt`; resuming tries the step files
+newest first, since a kill between the two renames leaves latest.pt one checkpoint behind, and
+skips any unreadable file with a warning. Loading always uses `weights_only=True`, so a file
+that would run code when unpickled is refused.
 """
 import os
 import pickle
 import re
 import shutil
 import warnings
-import zipfile
 
 import torch
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+TEMP_FILE = re.compile(r"^\..+\.pt\.tmp(\d+)$")  # what atomic_save/_link_latest leave if killed
 
 
 class CheckpointError(Exception):
@@ -59,16 +61,40 @@ def _link_latest(folder, target):
     if os.path.lexists(tmp):
         os.remove(tmp)
     try:
-        os.link(target, tmp)
-    except OSError:
-        shutil.copyfile(target, tmp)
-    os.replace(tmp, os.path.join(folder, "latest.pt"))
+        try:
+            os.link(target, tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+        os.replace(tmp, os.path.join(folder, "latest.pt"))
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
     _fsync_dir(folder)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(folder):
+    """Delete temp files left by a writer that was killed mid-save (never those of a live process)."""
+    for name in os.listdir(folder):
+        m = TEMP_FILE.match(name)
+        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+            os.remove(os.path.join(folder, name))
 
 
 def save_checkpoint(state, folder, keep_last=3, milestone_every=0):
     """Write step_<step>.pt, point latest.pt at it, prune old ones. Returns the path."""
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temps(folder)
     path = os.path.join(folder, f"step_{state['step']:07d}.pt")
     atomic_save(state, path)
     _link_latest(folder, path)
@@ -97,17 +123,29 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass --ckpt with a .pt file written by train.py")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols would only add noise here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"'{path}' was refused: it contains objects other than tensors and plain data, "
-                              f"which could run code when loaded ({str(e).splitlines()[0][:120]}); "
+        if "weights only" not in str(e).lower():  # plain garbage also fails as an UnpicklingError
+            raise CheckpointError(f"'{path}' is truncated or not a checkpoint (UnpicklingError); "
+                                  "delete it or pass another file") from None
+        raise CheckpointError(f"'{path}' was refused: {_refused_object(e)}, which could run code when unpickled; "
                               "only load checkpoints written by train.py") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # truncated zip, empty file, text, a folder...: torch raises many types
         raise CheckpointError(f"'{path}' is truncated or not a checkpoint ({type(e).__name__}); "
                               "delete it or pass another file") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"'{path}' is not a checkpoint written by this project's train.py (no model/config)")
     return state
+
+
+def _refused_object(error):
+    """What torch's weights_only unpickler refused, in a few words, from its long message."""
+    if m := re.search(r"GLOBAL ([\w.]+)", str(error)):
+        return f"it asks to import {m.group(1)}"
+    detail = re.search(r"Unsupported[^\n.]*", str(error))
+    return "it holds objects other than tensors and plain data" + (f" ({detail.group(0)})" if detail else "")
 
 
 def load_latest(folder, map_location="cpu"):
@@ -116,16 +154,26 @@ def load_latest(folder, map_location="cpu"):
     An unreadable newer file is reported and skipped; if every file is unreadable, that is an error
     rather than a silent fresh start.
     """
-    candidates = [os.path.join(folder, "latest.pt")] * os.path.exists(os.path.join(folder, "latest.pt"))
-    candidates += [path for _, path in step_files(folder)]
+    candidates = [path for _, path in step_files(folder)]  # newest step first: latest.pt may lag behind it
+    latest = os.path.join(folder, "latest.pt")
+    if os.path.exists(latest) and not any(_same(latest, path) for path in candidates):
+        candidates.append(latest)  # a copy (no hard links) or a lone file: the last resort
     problems = []
     for path in candidates:
         try:
             return load_checkpoint(path, map_location), path
         except CheckpointError as e:
-            problems.append(str(e))
-            warnings.warn(f"skipping unusable checkpoint: {e}", stacklevel=2)
+            problems.append(os.path.basename(path))
+            alias = " (= latest.pt)" if path != latest and os.path.exists(latest) and _same(latest, path) else ""
+            warnings.warn(f"skipping unusable checkpoint{alias}: {e}", stacklevel=2)
     if problems:
-        raise CheckpointError(f"no readable checkpoint in '{folder}' ({len(problems)} tried); "
+        raise CheckpointError(f"no readable checkpoint in '{folder}' ({', '.join(problems)}: see the warnings above); "
                               "use --fresh to start over (the old files are kept aside) or another --run name")
     return None, None
+
+
+def _same(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

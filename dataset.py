@@ -6,15 +6,17 @@ memory-mapped uint8 cache keyed by the file list, so an epoch costs no JPEG deco
 the cache survives restarts. Batches are drawn by `EpochBatches`, whose order and flips are
 a pure function of (seed, epoch, position): that is what makes resume exact.
 """
+import errno
 import hashlib
 import math
 import multiprocessing
 import os
 import random
+import stat
 import warnings
 
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -25,17 +27,36 @@ class DataError(Exception):
     """A problem with the user's images, explained in one sentence."""
 
 
+class Unusable(ValueError):
+    """One file that cannot be used; the message is the reason, in a few words."""
+
+
 def find_images(root):
     """Return ([(path, label_index)], class_names). Sub-folders with images are labels."""
     if not os.path.isdir(root):
-        raise DataError(f"data folder '{root}' does not exist; pass --data-dir with a folder of images")
-    subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        what = "is not a folder" if os.path.lexists(root) else "does not exist"
+        raise DataError(f"data folder '{root}' {what}; pass --data-dir with a folder of images")
+    try:
+        subdirs = sorted(d.name for d in os.scandir(root) if _is_label_dir(d, root))
+    except OSError as e:
+        raise DataError(f"cannot read data folder '{root}' ({e.strerror}); fix its permissions or pass another --data-dir") from None
     classes = [d for d in subdirs if _image_files(os.path.join(root, d))]
     if not classes:
         files = [(p, 0) for p in _image_files(root, recursive=False)]
         return files, [os.path.basename(os.path.normpath(root)) or "images"]
     files = [(p, i) for i, c in enumerate(classes) for p in _image_files(os.path.join(root, c))]
     return files, classes
+
+
+def _is_label_dir(entry, root):
+    """A visible sub-folder, but not a symlink back to `root` or above it (a loop)."""
+    try:
+        if entry.name.startswith(".") or not entry.is_dir():
+            return False
+    except OSError:  # a symlink loop or a dangling link: a file, skipped later with the others
+        return False
+    real, inside = os.path.realpath(entry.path), os.path.realpath(root)
+    return not (inside == real or inside.startswith(real.rstrip(os.sep) + os.sep))
 
 
 def _image_files(folder, recursive=True):
@@ -64,10 +85,30 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def open_image(path, size):
+    """Image.open with checks: a regular, non-empty file, and at most Image.MAX_IMAGE_PIXELS pixels
+    as decoded. A huge JPEG is fine (libjpeg decodes it at 1/2..1/8 scale); a huge PNG is a bomb."""
+    st = os.stat(path)  # follows links: loops and dangling links fail here
+    if not stat.S_ISREG(st.st_mode):
+        raise Unusable("not a regular file")
+    if st.st_size == 0:
+        raise Unusable("empty file")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own check would refuse before draft(); checked below instead
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a reduced scale, much faster
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise Unusable(f"{img.width}x{img.height} is over PIL's decompression-bomb limit of {limit} pixels")
+    return img
+
+
 def load_image(path, size):
     """Decode one file to a size x size RGB PIL image: shorter side resized to `size`, centre crop."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a reduced scale, much faster
+    with open_image(path, size) as img:
         img = to_rgb(ImageOps.exif_transpose(img))
     w, h = img.size
     scale = size / min(w, h)
@@ -79,30 +120,79 @@ def load_image(path, size):
 def cache_key(files, size):
     h = hashlib.sha1(f"v1 {size}".encode())
     for path, label in files:
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}|{st.st_mtime_ns}"
+        except OSError:  # a symlink loop or dangling link: build_cache reports it
+            stamp = "unreadable"
+        h.update(f"{os.path.abspath(path)}|{label}|{stamp}\n".encode())
     return h.hexdigest()[:16]
 
 
-def build_cache(files, size, path):
-    """Decode every file into a flat uint8 file (N, size, size, 3). Returns the kept (file, label) list."""
+def why_unusable(error):
+    """A few words on why a file could not be decoded."""
+    if isinstance(error, Unusable):
+        return str(error)
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image"
+    if isinstance(error, OSError) and error.errno is not None:
+        return {errno.EACCES: "permission denied", errno.ELOOP: "symlink loop",
+                errno.ENOENT: "dangling link"}.get(error.errno, error.strerror)
+    if "truncated" in str(error).lower():
+        return "truncated"
+    return f"{type(error).__name__}: {str(error)[:60]}"
+
+
+def decode_all(files, size, out):
+    """Write each decodable file to `out`; returns (kept, ['name (reason)' for each skipped file])."""
     kept, bad = [], []
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as out:
-        for file, label in tqdm(files, desc=f"decoding {len(files)} images to {size}px (once)", leave=False):
+    for file, label in tqdm(files, desc=f"decoding {len(files)} images to {size}px (once)", leave=False):
+        try:
+            pixels = load_image(file, size).tobytes()
+        except Exception as e:  # corrupt, truncated, not an image, unreadable, too large...
+            bad.append(f"{os.path.basename(file)} ({why_unusable(e)})")
+            continue
+        out.write(pixels)  # a full disk here is the cache's problem, not the image's
+        kept.append((file, label))
+    return kept, bad
+
+
+def _remove_dead_temps(path):
+    """Partial caches of this key left by a process that was killed while decoding."""
+    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp"
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit():
             try:
-                out.write(load_image(file, size).tobytes())
-                kept.append((file, label))
-            except Exception as e:  # corrupt, truncated, not an image, unreadable, too large...
-                bad.append(f"{os.path.basename(file)} ({type(e).__name__})")
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unusable image file(s), e.g. {', '.join(bad[:3])}", stacklevel=2)
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass  # alive, someone else's
+
+
+def build_cache(files, size, path, root="the data folder"):
+    """Decode every file into a flat uint8 file (N, size, size, 3). Returns the kept (file, label) list."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    _remove_dead_temps(path)
+    try:
+        with open(tmp, "wb") as out:
+            kept, bad = decode_all(files, size, out)
+        if kept:
+            with open(path + ".files", "w") as f:
+                f.writelines(f"{label}\t{file}\n" for file, label in kept)
+            os.replace(tmp, path)  # the cache appears only when complete
+    except OSError as e:
+        raise DataError(f"cannot write the image cache '{tmp}' ({e.strerror}); free space or pass another --cache-dir") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if bad and kept:  # with none kept, the error below says it all
+        warnings.warn(f"skipped {len(bad)} of {len(files)} image files in '{root}' that cannot be used: "
+                      f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}", stacklevel=2)
     if not kept:
-        os.remove(tmp)
-        raise DataError(f"none of the {len(files)} image files could be read; check the folder's contents")
-    with open(path + ".files", "w") as f:
-        f.writelines(f"{label}\t{file}\n" for file, label in kept)
-    os.replace(tmp, path)  # the cache appears only when complete
+        raise DataError(f"none of the {len(files)} image files in '{root}' can be used ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}); add JPEG/PNG photos or pass another --data-dir")
     return kept
 
 
@@ -115,13 +205,16 @@ class ImageCache(torch.utils.data.Dataset):
         files = [(f, label) for f, label in files if f not in exclude]
         if not files:
             raise DataError(f"no images ({', '.join(EXTENSIONS)}) found in '{root}'; add some or point --data-dir elsewhere")
-        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create the image cache folder '{cache_dir}' ({e.strerror}); pass another --cache-dir") from None
         path = os.path.join(cache_dir, f"{cache_key(files, size)}.u8")
         if os.path.exists(path) and os.path.exists(path + ".files"):
             with open(path + ".files") as f:
                 kept = [(file, int(label)) for label, file in (line.rstrip("\n").split("\t", 1) for line in f)]
         else:
-            kept = build_cache(files, size, path)
+            kept = build_cache(files, size, path, root)
         self.files = [f for f, _ in kept]
         self.labels = torch.tensor([label for _, label in kept], dtype=torch.long)
         n = len(kept)
@@ -181,8 +274,11 @@ class EpochBatches:
 
 
 def make_loader(dataset, batches, num_workers, pin_memory=False):
+    # Its own generator: otherwise every iter(loader) draws a worker seed from the global torch RNG,
+    # so a run resumed mid-epoch (one extra iter) would draw different noise from then on.
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, pin_memory=pin_memory)
+                                       persistent_workers=num_workers > 0, pin_memory=pin_memory,
+                                       generator=torch.Generator())
 
 
 # ---------------------------------------------------------------------------------------------

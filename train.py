@@ -83,8 +83,11 @@ def resolve_config(overrides, fresh, rank):
     state, path = load_latest(run_dir)
     if state is None:
         return cfg, None
-    saved = state["config"]
-    cfg = config_from_dict({**saved, **overrides, "preset": saved["preset"], "run": cfg.run})
+    saved, state["path"] = state["config"], path
+    if "preset" not in overrides or cfg.preset == saved.get("preset"):  # else: the new preset + flags, checked below
+        merged = vars(config_from_dict({**saved, **overrides, "preset": saved["preset"], "run": cfg.run}))
+        cfg = build_config(merged, torch.cuda.is_available())  # validates, resolves --num-workers -1
+    check_architecture(saved, cfg, [k for k in ARCH_FIELDS if k != "num_labels"], path)  # labels: once the data is read
     changed = {k: (saved.get(k), v) for k, v in vars(cfg).items() if saved.get(k) != v}
     say(f"resuming '{cfg.run}' from {path} at step {state['step']}"
         + (f"; changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}" if changed else ""), rank)
@@ -113,12 +116,14 @@ def load_data(cfg, rank):
     return ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
 
 
-def check_architecture(saved, cfg):
+def check_architecture(saved, cfg, fields=ARCH_FIELDS, path=""):
     """Refuse to resume across a change of the network's shape or meaning."""
-    diff = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in ARCH_FIELDS if saved.get(k) != getattr(cfg, k)]
+    diff = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in fields if saved.get(k) != getattr(cfg, k)]
     if diff:
-        raise SystemExit(f"error: run '{cfg.run}' was trained with a different architecture ({'; '.join(diff)}); "
-                         "use --fresh to start over or --run NAME for a new run")
+        where = f" ({path})" if path else ""
+        raise SystemExit(f"error: run '{cfg.run}'{where} was trained with a different architecture ({'; '.join(diff)}); "
+                         "drop those flags to resume it, or use --fresh to start over (old files are moved aside) "
+                         "or --run NAME for a new run")
 
 
 def build_training(cfg, device, world_size):
@@ -177,12 +182,14 @@ class Stopper:
     """Turns SIGINT/SIGTERM into 'save and exit at the end of this step'; a second Ctrl-C exits at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.pid = False, os.getpid()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._handle)
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a forked DataLoader worker (Ctrl-C reaches the whole group): the trainer decides
+            return
         if self.requested and signum == signal.SIGINT:
             os._exit(130)  # checkpoints are written atomically: exiting mid-save loses nothing
         self.requested = True
@@ -306,12 +313,18 @@ def make_state(r, p):
 
 
 def restore(state, model, ema, optimizer, device):
-    model.load_state_dict(state["model"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_states(state["rng"], device)
-    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps", "best_swd")
+    """Weights, EMA, optimizer and RNG states from a checkpoint; returns the loop's counters."""
+    try:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_states(state["rng"], device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: checkpoint '{state.get('path', '?')}' does not fit this model or is incomplete "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                         "use --fresh to start over or --run NAME for a new run") from None
+    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps", "skipped_steps", "best_swd")
     return {k: state.get(k, 0) for k in keys}
 
 
@@ -319,8 +332,9 @@ def save(r, p):
     """Save on rank 0; refuse to write non-finite weights."""
     if r.rank != 0:
         return
-    if not all(torch.isfinite(t).all() for t in r.model.parameters()):
-        say("warning: weights are not finite; checkpoint NOT written (the previous one is kept)")
+    weights = list(r.model.parameters()) + (list(r.ema.parameters()) if r.ema is not None else [])
+    if not all(torch.isfinite(t).all() for t in weights):
+        say(f"warning: weights are not finite at step {p['step']}; checkpoint NOT written (the previous one is kept)")
         return
     folder = os.path.join(r.cfg.ckpt_dir, r.cfg.run)
     try:
@@ -353,15 +367,20 @@ def main(argv=None):
     try:
         cfg, state = resolve_config(overrides, fresh, rank)
         device = select_device(cfg.device, local_rank)
+        run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+        if rank == 0:  # before minutes of decoding images, not after
+            check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run))
         data = load_data(cfg, rank)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
+        say("interrupted before training started; nothing to save")
+        raise SystemExit(130)
     cfg.num_labels = len(data.classes)
+    random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
     if state is not None:
-        check_architecture(state["config"], cfg)
-    run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+        check_architecture(state["config"], cfg, path=state["path"])
     if rank == 0:
-        check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run))
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(vars(cfg), f, indent=2)
     r, progress = setup_run(cfg, data, state, device, rank, world_size)
@@ -418,15 +437,18 @@ def log_start(r):
 
 
 def account(r, p, out):
-    """After a step: EMA, epoch loss sums, the run of non-finite steps."""
+    """After a step: EMA, epoch loss sums, the count of non-finite steps (in a row, and in all)."""
     if out["finite"]:
         if r.ema is not None:
             decay = min(r.cfg.ema_decay, (1 + p["step"]) / (10 + p["step"])) if r.cfg.ema_warmup else r.cfg.ema_decay
             ema_update(r.ema, r.model, decay)
         p.update(bad_steps=0, epoch_loss_sum=p["epoch_loss_sum"] + float(out["loss"]), epoch_batches=p["epoch_batches"] + 1)
-    else:
+    else:  # train_step skipped the update
         p["bad_steps"] += 1
-        r.log.scalars(p["step"], **{"Train/skipped_nonfinite": p["bad_steps"]})
+        p["skipped_steps"] = p.get("skipped_steps", 0) + 1
+        r.log.scalars(p["step"] + 1, **{"Train/skipped_nonfinite": p["skipped_steps"]})
+        say(f"warning: non-finite loss or gradient at step {p['step'] + 1}: update skipped "
+            f"({p['bad_steps']} in a row, {p['skipped_steps']} in all)", r.rank)
     p["step"] += 1
     p["epoch_pos"] += r.batches.global_batch
     if p["bad_steps"] >= r.cfg.max_bad_steps:

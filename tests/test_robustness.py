@@ -1,0 +1,705 @@
+"""Crash-proof training and hostile inputs (issue 5).
+
+Exact resume, atomic checkpoints with fallback, SIGINT/SIGTERM/SIGKILL, safe loading, config
+mismatch, non-finite losses and weights, a matrix of bad images, full or unwritable folders.
+
+Exit codes, as tested here: SIGINT or SIGTERM saves a checkpoint and exits 0 (the run is
+resumable and the last line says how); a second Ctrl-C exits 130 at once; a fatal user error
+exits 1 with one line starting 'error:'.
+
+Runs use the tiny preset on 10 images of ~20 px with batch 4: an epoch is 2 steps, so every odd
+step ends mid-epoch. Killed runs are forked from this process (torch is already imported, so a
+child costs no start-up time) and paused at exact points by the hooks of scripts/kill_test.py;
+the Ctrl-C test runs the real `python train.py`.
+"""
+import errno
+import importlib.util
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import checkpoint  # noqa: E402
+import diffusion  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_files  # noqa: E402
+from dataset import DataError, ImageCache, draw_panda  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("kill_test", os.path.join(ROOT, "scripts", "kill_test.py"))
+kill_test = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_test)
+
+STEPS = 12
+RUN_DIR = os.path.join("ck", "tiny")
+WAIT = 120  # seconds to wait for a child to reach a pause point before failing (not a timing assertion)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_images(folder, n=10):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        draw_panda(random.Random(i), 18 + i % 4).save(os.path.join(folder, f"panda_{i:02d}.png"))
+
+
+def argv(*extra, steps=STEPS, workers=0):
+    """Flags of a tiny CPU run; every output lands in the current (temporary) folder."""
+    return ["--preset", "tiny", "--device", "cpu", "--data-dir", "imgs", "--ckpt-dir", "ck", "--log-dir", "tb",
+            "--cache-dir", "cache", "--batch-size", "4", "--num-workers", str(workers), "--max-steps", str(steps),
+            "--ckpt-every", "3", "--sample-every", "4", "--hist-every", "4", "--no-log-graph", *map(str, extra)]
+
+
+def run(*extra, steps=STEPS, workers=0):
+    train.main(argv(*extra, steps=steps, workers=workers))
+
+
+def latest():
+    return load_checkpoint(os.path.join(RUN_DIR, "latest.pt"))
+
+
+def temp_files(folder=RUN_DIR):
+    return sorted(n for n in os.listdir(folder) if ".tmp" in n)
+
+
+def assert_same_training_state(a, b):
+    """Bitwise equality of everything a resumed run carries on with."""
+    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps")
+    assert [a[k] for k in keys] == [b[k] for k in keys]
+    for part in ("model", "ema"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), f"{part}.{name} differs"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for index, slots in a["optimizer"]["state"].items():
+        for slot, value in slots.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][slot]), f"optimizer state {index}.{slot} differs"
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+
+
+@pytest.fixture(autouse=True)
+def sandbox(tmp_path, monkeypatch):
+    """cwd = a fresh folder with 10 images; one thread; signal handlers restored afterwards."""
+    monkeypatch.chdir(tmp_path)
+    make_images("imgs")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same in every run and child, so that results can be bitwise equal
+    yield tmp_path
+    torch.set_num_threads(threads)
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The state after STEPS uninterrupted steps: every interrupted-and-resumed run must equal it."""
+    folder, cwd, threads = tmp_path_factory.mktemp("straight"), os.getcwd(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.chdir(folder)
+    torch.set_num_threads(1)
+    try:
+        make_images("imgs")
+        run()
+        return latest()
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def fork_train(log, pause, *extra):
+    """train.main in a forked child with a kill_test pause hook; returns the child's pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1  # the child: whatever happens, it must never return into pytest
+    try:
+        sys.stdout = sys.stderr = open(log, "w", buffering=1)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(KILL_TEST_PAUSE=pause, KILL_TEST_MARK=os.path.abspath(log + ".paused"))
+        torch.set_num_threads(1)
+        kill_test.child(argv(*extra))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        print(e.code)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def wait_for(condition, pid, log, what):
+    """Poll until condition() holds; fail (and show the child's log) if the child exits first."""
+    deadline = time.time() + WAIT
+    while not condition():
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done or time.time() > deadline:
+            os.kill(pid, signal.SIGKILL) if not done else None
+            pytest.fail(f"child never reached {what}; its log:\n{open(log).read()[-3000:]}")
+        time.sleep(0.01)
+
+
+def exit_status(pid):
+    """('signal', n) or ('exit', code) of a finished child."""
+    _, status = os.waitpid(pid, 0)
+    return ("signal", os.WTERMSIG(status)) if os.WIFSIGNALED(status) else ("exit", os.WEXITSTATUS(status))
+
+
+def kill_at(pause, log, *extra):
+    """Fork a run, SIGKILL it at the pause point, return its log text."""
+    pid = fork_train(log, pause, *extra)
+    wait_for(lambda: os.path.exists(log + ".paused"), pid, log, pause)
+    os.kill(pid, signal.SIGKILL)
+    assert exit_status(pid) == ("signal", signal.SIGKILL)
+    return open(log).read()
+
+
+def resumed_at(text):
+    m = re.search(r"resuming 'tiny' from (\S+) at step (\d+)", text)
+    return (os.path.basename(m.group(1)), int(m.group(2))) if m else None
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_is_bitwise_exact(straight, workers):
+    """N/2 steps + resume N/2 equals N straight steps: model, EMA, optimizer, counters, RNG, bit for bit."""
+    run(steps=5, workers=workers)
+    half = latest()
+    assert (half["step"], half["epoch"], half["epoch_pos"]) == (5, 2, 4)  # stopped in the middle of epoch 2
+    run(workers=workers)
+    assert_same_training_state(latest(), straight)
+
+
+def test_sigint_mid_epoch_then_resume_is_exact_and_tensorboard_continues(straight, monkeypatch, capsys):
+    """A Ctrl-C at step 7 saves that step; the resumed run matches and continues TensorBoard's step axis."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    real_account = train.account
+
+    def account(r, p, out):
+        real_account(r, p, out)
+        if p["step"] == 7 and not p.get("interrupted"):
+            p["interrupted"] = True
+            signal.raise_signal(signal.SIGINT)  # handled by train.Stopper, like a real Ctrl-C
+
+    monkeypatch.setattr(train, "account", account)
+    run()
+    assert "SIGINT: saving a checkpoint and stopping" in capsys.readouterr().out
+    assert latest()["step"] == 7
+    monkeypatch.setattr(train, "account", real_account)
+    run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000007.pt", 7)
+    assert_same_training_state(latest(), straight)
+    events = EventAccumulator(os.path.join("tb", "tiny")).Reload()
+    assert [e.step for e in events.Scalars("Loss/batch")] == [5, 10]  # 10 logged by the resumed run, not 5 again
+
+
+# ---------------------------------------------------------------------------------------------
+# kills and signals
+
+
+def test_sigkill_at_several_points_resumes_from_a_readable_checkpoint(straight, capsys):
+    """SIGKILL inside the first write, a later write, before latest.pt moves, and mid-epoch: every restart resumes."""
+    log = kill_at("write:3", "1.log")  # inside the very first checkpoint write: nothing complete yet
+    assert step_files(RUN_DIR) == [] and len(temp_files()) == 1
+    log = kill_at("write:6", "2.log")  # so this run starts fresh (not an error) and dies writing step 6
+    assert resumed_at(log) is None and "error" not in log
+    assert [s for s, _ in step_files(RUN_DIR)] == [3] and len(temp_files()) == 1  # run 1's temp file was cleaned up
+    log = kill_at("link:9", "3.log")  # step_9.pt complete, latest.pt still at step 6
+    assert resumed_at(log) == ("step_0000003.pt", 3)
+    assert os.path.samefile(os.path.join(RUN_DIR, "latest.pt"), os.path.join(RUN_DIR, "step_0000006.pt"))
+    log = kill_at("step:11", "4.log")  # in the middle of training, mid-epoch, two steps after a checkpoint
+    assert resumed_at(log) == ("step_0000009.pt", 9)  # the newest step file wins over a stale latest.pt
+    run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000009.pt", 9)
+    assert temp_files() == []
+    assert_same_training_state(latest(), straight)  # the lost steps were redone identically
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(straight, capsys):
+    """SIGTERM at step 5 (mid-epoch): that step is saved, exit 0, and the resumed run equals the straight one."""
+    pid = fork_train("t.log", "step:5")
+    wait_for(lambda: os.path.exists("t.log.paused"), pid, "t.log", "step 5")
+    os.kill(pid, signal.SIGTERM)
+    assert exit_status(pid) == ("exit", 0)
+    text = open("t.log").read()
+    assert "SIGTERM: saving a checkpoint and stopping" in text and "stopped at step 5 (run the same command to continue)" in text
+    assert latest()["step"] == 5
+    run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000005.pt", 5)
+    assert_same_training_state(latest(), straight)
+
+
+def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(capsys):
+    """Ctrl-C to the process group of `python train.py` (2 loader workers): saved, no traceback, exit 0, resumable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with open("c.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv(steps=100000, workers=2)],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        wait_for(lambda: step_files(RUN_DIR), proc.pid, "c.log", "the first checkpoint")
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the loader workers get it too
+        rc = proc.wait(timeout=WAIT)
+    text = open("c.log").read()
+    assert rc == 0, text[-2000:]
+    assert text.count("SIGINT: saving a checkpoint and stopping") == 1 and "Traceback" not in text  # workers stay quiet
+    step = int(re.search(r"stopped at step (\d+) \(run the same command to continue\)", text).group(1))
+    assert latest()["step"] == step
+    run(steps=step + 1)
+    assert resumed_at(capsys.readouterr().out) == (f"step_{step:07d}.pt", step)
+
+
+def test_second_ctrl_c_during_a_save_exits_130_and_loses_nothing(straight, capsys):
+    """Ctrl-C twice while step 6 is being written: exit 130 at once; step 3 intact; the next run resumes exactly."""
+    pid = fork_train("c.log", "write:6")
+    wait_for(lambda: os.path.exists("c.log.paused"), pid, "c.log", "the write of step 6")
+    os.kill(pid, signal.SIGINT)
+    wait_for(lambda: "SIGINT: saving" in open("c.log").read(), pid, "c.log", "the first SIGINT")
+    os.kill(pid, signal.SIGINT)
+    assert exit_status(pid) == ("exit", 130)
+    assert [s for s, _ in step_files(RUN_DIR)] == [3] and len(temp_files()) == 1
+    run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000003.pt", 3)
+    assert temp_files() == []
+    assert_same_training_state(latest(), straight)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def test_truncated_latest_checkpoint_is_named_and_the_previous_one_used(straight, capsys):
+    """A truncated latest.pt is reported in one warning and training resumes from the newest readable file."""
+    run(steps=6)
+    with open(os.path.join(RUN_DIR, "latest.pt"), "r+b") as f:
+        f.truncate(1000)  # latest.pt is a hard link: step_0000006.pt is truncated with it
+    with pytest.warns(UserWarning, match=r"\(= latest\.pt\): 'ck/tiny/step_0000006\.pt' is truncated or not a checkpoint"):
+        run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000003.pt", 3)
+    assert_same_training_state(latest(), straight)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start():
+    """When every checkpoint is unreadable, train.py stops with a clear error instead of silently starting over."""
+    run(steps=6)
+    for _, path in step_files(RUN_DIR):
+        with open(path, "r+b") as f:
+            f.truncate(100)
+    before = sorted(os.listdir(RUN_DIR))
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"), pytest.raises(SystemExit) as e:
+        run()
+    assert str(e.value) == ("error: no readable checkpoint in 'ck/tiny' (step_0000006.pt, step_0000003.pt: see the "
+                            "warnings above); use --fresh to start over (the old files are kept aside) or another --run name")
+    assert sorted(os.listdir(RUN_DIR)) == before
+
+
+def test_retention_keeps_the_last_k_and_the_milestones():
+    """keep_last newest step files survive, plus every milestone_every-th step; latest.pt is the newest."""
+    for step in range(1, 13):
+        save_checkpoint({"model": {"w": torch.full((2,), float(step))}, "config": {}, "step": step}, "r",
+                        keep_last=2, milestone_every=5)
+    assert [s for s, _ in step_files("r")] == [12, 11, 10, 5]
+    assert os.path.samefile(os.path.join("r", "latest.pt"), os.path.join("r", "step_0000012.pt"))
+    assert temp_files("r") == []
+
+
+@pytest.mark.parametrize("where", ["step file", "latest.pt"])
+def test_disk_full_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(monkeypatch, where):
+    """ENOSPC in the middle of writing: one-line error, the previous latest.pt still loads, no temp file left."""
+    run(steps=3)
+
+    def full(src_or_obj, dst, *args, **kwargs):  # stands in for torch.save / shutil.copyfile
+        f = open(dst, "wb") if isinstance(dst, str) else dst
+        f.write(b"half a checkpoint")
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as e:
+        if where == "step file":
+            patch.setattr(checkpoint.torch, "save", full)
+        else:  # the step file is written; pointing latest.pt at it fails (no hard links, then the copy fails)
+            patch.setattr(checkpoint.os, "link", lambda a, b: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+            patch.setattr(checkpoint.shutil, "copyfile", full)
+        run(steps=6)
+    assert str(e.value) == ("error: could not write a checkpoint to ck/tiny ([Errno 28] No space left on device); "
+                            "free space or choose another --ckpt-dir (the previous checkpoint is intact)")
+    assert latest()["step"] == 3 and temp_files() == []
+    assert checkpoint.load_latest(RUN_DIR)[0]["step"] == (3 if where == "step file" else 6)
+
+
+@pytest.mark.parametrize("case", ["ckpt under a file", "log under a file", "disk full", "read-only"])
+def test_unwritable_output_folder_is_refused_before_any_work(monkeypatch, case):
+    """An unwritable or full checkpoint/log folder stops train.py at start, before decoding any image."""
+    open("blocker", "w").close()
+    flags = {"ckpt under a file": ["--ckpt-dir", "blocker/ck"], "log under a file": ["--log-dir", "blocker/tb"]}.get(case, [])
+    if case == "disk full":
+        real_open = open
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+                            if ".write_test" in str(path) else real_open(path, *a, **k))
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root ignores file permissions; 'disk full' and 'under a file' cover the same code path")
+        os.makedirs(RUN_DIR)
+        os.chmod(RUN_DIR, 0o500)
+    with pytest.raises(SystemExit) as e:
+        run(*flags)
+    folder = {"ckpt under a file": "blocker/ck/tiny", "log under a file": "blocker/tb/tiny"}.get(case, RUN_DIR)
+    reason = {"disk full": "No space left on device", "read-only": "Permission denied"}.get(case, "Not a directory")
+    assert str(e.value) == (f"error: cannot write to '{folder}' ({reason}); "
+                            "fix its permissions/free space or pass another --ckpt-dir/--log-dir")
+    assert not os.path.exists("cache")  # checked before the images were decoded
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile checkpoints
+
+
+class _System:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.path}'",)
+
+
+class _Open:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def write_malicious(kind, path, marker):
+    """A checkpoint-shaped file whose unpickling would create `marker`."""
+    if kind == "torch zip, os.system":
+        torch.save({"model": _System(marker), "config": {}, "step": 0}, path)
+    elif kind == "torch legacy, open()":
+        torch.save({"model": _Open(marker), "config": {}, "step": 0}, path, _use_new_zipfile_serialization=False)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump({"model": _System(marker), "config": {}, "step": 0}, f, protocol=2)
+
+
+@pytest.mark.parametrize("kind", ["torch zip, os.system", "torch legacy, open()", "raw pickle, os.system"])
+def test_malicious_checkpoint_is_refused_everywhere_and_runs_nothing(kind):
+    """A pickle that would create a file is refused by load_checkpoint, sample.py and train.py; no file appears."""
+    marker = os.path.abspath("pwned")
+    write_malicious(kind, "evil.pt", marker)
+    refused = r"'.*' was refused: it (asks to import \S+|holds objects other than tensors).*could run code when unpickled"
+    with pytest.raises(CheckpointError, match=refused):
+        load_checkpoint("evil.pt")
+    with pytest.raises(SystemExit, match="^error: " + refused):
+        sample.main(["--ckpt", "evil.pt", "--device", "cpu", "--out", "out"])
+    os.makedirs(RUN_DIR)
+    shutil.copy("evil.pt", os.path.join(RUN_DIR, "step_0000003.pt"))
+    with pytest.warns(UserWarning, match=refused), pytest.raises(SystemExit, match="no readable checkpoint in 'ck/tiny'"):
+        run()
+    with pytest.raises(SystemExit, match="^error: " + refused):
+        sample.main(["--ckpt-dir", "ck", "--device", "cpu", "--out", "out"])
+    assert not os.path.exists(marker) and not os.path.exists("out")
+    if kind == "torch zip, os.system":  # the payload is live: an unsafe load would have run it
+        torch.load("evil.pt", weights_only=False)
+        assert os.path.exists(marker)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration changes on resume
+
+
+def test_architecture_change_is_refused_with_the_fields_and_the_way_out(capsys):
+    """Different shapes are refused with each differing field and --fresh/--run; lr/log changes are allowed and logged."""
+    run(steps=3)
+    with pytest.raises(SystemExit) as e:
+        run("--emb-dim", 64, "--depth", 3, steps=6)
+    assert str(e.value) == ("error: run 'tiny' (ck/tiny/step_0000003.pt) was trained with a different architecture "
+                            "(emb_dim 32 -> 64; depth 2 -> 3); drop those flags to resume it, or use --fresh to start "
+                            "over (old files are moved aside) or --run NAME for a new run")
+    with pytest.raises(SystemExit, match=r"\(image_size 16 -> 64; emb_dim 32 -> 128; depth 2 -> 4; num_heads 2 -> 4; "
+                                          r"head_dim 16 -> 32; max_t 100 -> 1000\); .*--fresh"):
+        train.main([*argv(steps=6), "--preset", "panda64", "--run", "tiny"])  # a new preset brings its own shapes
+    for label in ("a", "b"):
+        make_images(os.path.join("labelled", label), 2)
+    with pytest.raises(SystemExit, match=r"\(num_labels 1 -> 2\); .*--fresh .*--run NAME"):
+        train.main([*argv(steps=6), "--data-dir", "labelled"])
+    capsys.readouterr()
+    run("--lr", "0.002", "--log-every", 2, steps=6)
+    assert "resuming 'tiny' from ck/tiny/step_0000003.pt at step 3; changed: lr 0.001 -> 0.002, max_steps 3 -> 6, " \
+           "log_every 5 -> 2" in capsys.readouterr().out
+    assert latest()["step"] == 6 and latest()["config"]["lr"] == 0.002
+    run("--fresh", "--emb-dim", 64, steps=3)
+    assert latest()["config"]["emb_dim"] == 64 and any(n.startswith("tiny-old-") for n in os.listdir("ck"))
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite losses and weights
+
+
+def poison_loss(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (1-based) calls."""
+    real, calls = diffusion.Diffusion.training_loss, []
+
+    def training_loss(self, *args, **kwargs):
+        loss, eps, noise = real(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if bad_calls(len(calls)) else loss), eps, noise
+
+    monkeypatch.setattr(diffusion.Diffusion, "training_loss", training_loss)
+
+
+def test_nonfinite_loss_skips_the_update_and_is_counted(monkeypatch, capsys):
+    """A NaN loss at step 2 leaves weights, EMA and Adam state untouched, is logged, and training goes on."""
+    logged = []
+    monkeypatch.setattr(train.Logger, "scalars", lambda self, step, **v: logged.append((step, v)))
+    poison_loss(monkeypatch, lambda call: call == 2)
+    run("--ckpt-every", 1, "--keep-last", 10, steps=4)
+    s1, s2, s3 = (load_checkpoint(os.path.join(RUN_DIR, f"step_{i:07d}.pt")) for i in (1, 2, 3))
+    for part in ("model", "ema"):
+        assert all(torch.equal(s1[part][k], s2[part][k]) for k in s1[part])
+        assert not all(torch.equal(s2[part][k], s3[part][k]) for k in s2[part])
+    assert all(torch.equal(s1["optimizer"]["state"][i]["step"], s2["optimizer"]["state"][i]["step"]) for i in s1["optimizer"]["state"])
+    assert (s2["bad_steps"], s3["bad_steps"], s3["skipped_steps"]) == (1, 0, 1)
+    assert (2, {"Train/skipped_nonfinite": 1}) in logged
+    assert "warning: non-finite loss or gradient at step 2: update skipped (1 in a row, 1 in all)" in capsys.readouterr().out
+
+
+def test_k_consecutive_nonfinite_losses_stop_training_with_a_message(monkeypatch):
+    """max_bad_steps NaN losses in a row stop the run with one sentence; the last checkpoint is finite and kept."""
+    poison_loss(monkeypatch, lambda call: call > 3)
+    with pytest.raises(SystemExit) as e:
+        run("--max-bad-steps", 4)
+    assert str(e.value) == ("error: 4 consecutive non-finite losses/gradients at step 7; lower --lr or --grad-clip "
+                            "(the last good checkpoint is kept)")
+    assert [s for s, _ in step_files(RUN_DIR)] == [6, 3]  # step 6 had skipped updates but finite weights
+    assert all(torch.isfinite(t).all() for t in latest()["model"].values())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")  # TensorBoard's sample grid of NaN weights
+def test_nonfinite_weights_are_never_written(monkeypatch, capsys):
+    """Weights that became NaN are not saved: checkpoints stop at the last finite step, then training stops."""
+    real_step, calls = train.train_step, []
+
+    def train_step(train_model, *args, **kwargs):
+        out = real_step(train_model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            next(train_model.parameters()).data.fill_(float("nan"))  # a finite loss, then a blown-up update
+        return out
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    with pytest.raises(SystemExit, match="consecutive non-finite"):
+        run("--max-bad-steps", 3)
+    assert "warning: weights are not finite at step 6; checkpoint NOT written" in capsys.readouterr().out
+    assert [s for s, _ in step_files(RUN_DIR)] == [3]
+    for _, path in step_files(RUN_DIR):
+        state = load_checkpoint(path)
+        assert all(torch.isfinite(t).all() for part in ("model", "ema") for t in state[part].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the bad-input matrix
+
+
+def png_declaring(width, height):
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb without the bytes."""
+    Image.new("RGB", (1, 1)).save("one.png")
+    data = bytearray(open("one.png", "rb").read())
+    ihdr = bytes(data[12:17 + 12])  # b'IHDR' + 13 bytes of header data
+    ihdr = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
+    data[12:12 + 17] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr) & 0xFFFFFFFF)
+    os.remove("one.png")
+    return bytes(data)
+
+
+def write_bad(kind, folder, monkeypatch):
+    """One unusable file of the given kind in folder; returns (its name, the reason the warning gives)."""
+    def path(name):
+        return os.path.join(folder, name)
+    if kind == "zero-byte file":
+        open(path("empty.jpg"), "wb").close()
+        return "empty.jpg", "empty file"
+    if kind == "truncated JPEG":
+        draw_panda(random.Random(0), 64).save("whole.jpg", quality=95)
+        data = open("whole.jpg", "rb").read()
+        open(path("truncated.jpg"), "wb").write(data[:len(data) // 2])
+        return "truncated.jpg", "truncated"
+    if kind == "text file named .jpg":
+        open(path("text.jpg"), "w").write("not a panda\n")
+        return "text.jpg", "not an image"
+    if kind == "decompression bomb":
+        open(path("bomb.png"), "wb").write(png_declaring(100_000, 100_000))
+        return "bomb.png", f"100000x100000 is over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+    if kind == "unreadable permissions":
+        draw_panda(random.Random(0), 20).save(path("locked.jpg"), "PNG")
+        os.chmod(path("locked.jpg"), 0)
+        if os.geteuid() == 0:  # root reads anything: make opening this one file fail as it would for a user
+            real_open = open
+            monkeypatch.setattr("builtins.open", lambda p, *a, **k: (_ for _ in ()).throw(
+                PermissionError(errno.EACCES, "Permission denied", p)) if str(p).endswith("locked.jpg") else real_open(p, *a, **k))
+        return "locked.jpg", "permission denied"
+    if kind == "symlink loop":
+        os.symlink("loop.jpg", path("loop.jpg"))
+        return "loop.jpg", "symlink loop"
+    if kind == "dangling symlink":
+        os.symlink("gone.jpg", path("dangling.jpg"))
+        return "dangling.jpg", "dangling link"
+    if kind == "FIFO named .jpg":
+        os.mkfifo(path("fifo.jpg"))
+        return "fifo.jpg", "not a regular file"
+    raise ValueError(kind)
+
+
+BAD = ["zero-byte file", "truncated JPEG", "text file named .jpg", "decompression bomb", "unreadable permissions",
+       "symlink loop", "dangling symlink", "FIFO named .jpg"]
+
+
+def cache_of(folder):
+    """ImageCache of folder at 16 px, with every warning it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = ImageCache(folder, 16, "cache")
+    return data, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_unusable_file_is_skipped_with_one_summary_warning(kind, monkeypatch):
+    """Each kind of unusable file is skipped; one warning names it and says why; the good image is kept."""
+    os.makedirs("d")
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(os.path.join("d", "good.png"))
+    name, reason = write_bad(kind, "d", monkeypatch)
+    data, caught = cache_of("d")
+    assert data.files == [os.path.join("d", "good.png")]
+    assert caught == [f"skipped 1 of 2 image files in 'd' that cannot be used: {name} ({reason})"]
+
+
+def test_many_unusable_files_give_one_warning_with_count_and_first_names(monkeypatch):
+    """All bad kinds in one folder: exactly one warning, with the count and the first five names."""
+    os.makedirs("d")
+    Image.new("RGB", (20, 20)).save(os.path.join("d", "good.png"))
+    for kind in BAD:
+        write_bad(kind, "d", monkeypatch)
+    data, caught = cache_of("d")
+    assert len(data) == 1 and len(caught) == 1
+    assert caught[0] == (f"skipped {len(BAD)} of {len(BAD) + 1} image files in 'd' that cannot be used: "
+                         f"bomb.png (100000x100000 is over PIL's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} "
+                         "pixels), dangling.jpg (dangling link), empty.jpg (empty file), fifo.jpg (not a regular file), "
+                         "locked.jpg (permission denied), ...")
+
+
+def odd_image(kind, path):
+    """An unusual but valid image; returns the RGB pixel its centre must decode to."""
+    if kind == "PNG named .jpg":
+        Image.new("RGB", (20, 20), (10, 200, 30)).save(path, "PNG")
+        return (10, 200, 30)
+    if kind == "grayscale":
+        Image.new("L", (20, 20), 90).save(path, "JPEG", quality=100)
+        return (90, 90, 90)
+    if kind == "LA":
+        Image.new("LA", (20, 20), (0, 0)).save(path, "PNG")  # fully transparent black -> white
+        return (255, 255, 255)
+    if kind == "palette with transparency":
+        img = Image.new("P", (20, 20), 1)
+        img.putpalette([0, 0, 0, 20, 40, 220] + [0] * 762)
+        img.save(path, "PNG", transparency=0)  # index 0 transparent, the image uses opaque index 1
+        return (20, 40, 220)
+    if kind == "RGBA":
+        Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(path, "PNG")  # transparent red -> white
+        return (255, 255, 255)
+    if kind == "CMYK JPEG":
+        Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(path, "JPEG", quality=100)  # pure red in ink
+        return (255, 0, 0)
+    if kind == "16-bit PNG":
+        Image.frombytes("I;16", (20, 20), struct.pack("<H", 40000) * 400).save(path, "PNG")
+        return (40000 // 256,) * 3
+    if kind == "8x8":
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(path, "PNG")
+        return (1, 2, 3)
+    if kind == "JPEG over the pixel limit":  # fine: libjpeg decodes it at 1/4 scale, under the limit
+        Image.new("RGB", (100, 100), (30, 60, 90)).save(path, "JPEG", quality=100)
+        return (30, 60, 90)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["PNG named .jpg", "grayscale", "LA", "palette with transparency", "RGBA",
+                                  "CMYK JPEG", "16-bit PNG", "8x8", "JPEG over the pixel limit"])
+def test_unusual_but_valid_images_load_as_rgb(kind, monkeypatch):
+    """Odd modes and sizes decode to 16x16 RGB with the right colours and no warning."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the 100x100 JPEG is over it, as decoded it is not
+    os.makedirs("d")
+    expected = odd_image(kind, os.path.join("d", "img.jpg"))
+    data, caught = cache_of("d")
+    assert caught == [] and len(data) == 1
+    x, _ = data[(0, False)]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
+    assert all(abs(int(x[c, 8, 8]) - expected[c]) <= 3 for c in range(3)), (x[:, 8, 8].tolist(), expected)
+
+
+def test_symlinked_folder_loop_is_not_followed():
+    """A sub-folder linking back to the data folder is neither a label nor a source of duplicates."""
+    make_images("d", 2)
+    os.symlink(".", os.path.join("d", "self"))
+    os.symlink("..", os.path.join("d", "up"))
+    data, caught = cache_of("d")
+    assert data.classes == ["d"] and len(data) == 2 and caught == []
+
+
+@pytest.mark.parametrize("case", ["missing folder", "a file, not a folder", "empty folder", "folder of non-images",
+                                  "only unusable files"])
+def test_no_usable_image_is_a_fatal_clear_error(case, monkeypatch):
+    """No usable image at all: train.py exits with one sentence naming the folder and the fix."""
+    if case == "a file, not a folder":
+        open("d", "w").close()
+    elif case != "missing folder":
+        os.makedirs("d")
+    if case == "folder of non-images":
+        for name in ("notes.txt", "labels.csv", "model.pt"):
+            open(os.path.join("d", name), "w").write("x")
+    if case == "only unusable files":
+        write_bad("zero-byte file", "d", monkeypatch)
+        os.symlink("loop.jpg", os.path.join("d", "loop.jpg"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(SystemExit) as e:
+            train.main([*argv(), "--data-dir", "d"])
+    expected = {
+        "missing folder": "error: data folder 'd' does not exist; pass --data-dir with a folder of images",
+        "a file, not a folder": "error: data folder 'd' is not a folder; pass --data-dir with a folder of images",
+        "only unusable files": "error: none of the 2 image files in 'd' can be used (empty.jpg (empty file), "
+                               "loop.jpg (symlink loop)); add JPEG/PNG photos or pass another --data-dir",
+    }.get(case, "error: no images (.jpg, .jpeg, .png, .bmp, .gif, .webp, .tif, .tiff) found in 'd'; "
+                "add some or point --data-dir elsewhere")
+    assert str(e.value) == expected
+
+
+def test_unwritable_cache_folder_is_a_clear_error():
+    """An image cache folder that cannot be created is one DataError naming it and the flag to change."""
+    open("blocker", "w").close()
+    with pytest.raises(DataError) as e:
+        ImageCache("imgs", 16, os.path.join("blocker", "cache"))
+    assert str(e.value) == ("cannot create the image cache folder 'blocker/cache' (Not a directory); "
+                            "pass another --cache-dir")
