@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # x * (1 + scale) + shift in one pass
 
 
 class TimestepEmbedder(nn.Module):
@@ -57,8 +57,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, _ = x.shape
-        qkv = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, H, T, d)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, d), scale 1/sqrt(d)
+        # unbind, not qkv[0..2]: its backward stacks the three gradients in one copy, where indexing
+        # zero-fills and adds three full-size buffers
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)  # (N, H, T, d) each
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d), scale 1/sqrt(d), stored as (N, T, H, d)
         return self.proj(x.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
 
@@ -76,8 +78,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * attn
+        x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
 
@@ -162,7 +164,9 @@ class DiT(nn.Module):
         return x.reshape(N, C, g * p, g * p)
 
     def forward(self, x, t, y):
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        # pos_embed first: the sum then takes its (N, T, D) memory order; `conv + pos_embed` would keep
+        # the conv's (N, D, T) order, and every LayerNorm and Linear after it would copy or stride
+        x = self.pos_embed + self.x_embedder(x).flatten(2).transpose(1, 2)  # (N, T, D), contiguous
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)

@@ -1,0 +1,596 @@
+"""How fast is it, and how far from the hardware? Training, sampling and data loading, measured.
+
+    python bench.py                         # full bench, ~10 minutes on 2 CPU cores
+    python bench.py --quick                 # sub-minute check (small batches, extrapolated sampling)
+    python bench.py --presets panda64 --json bench.json
+    python bench.py --device cuda --compile
+
+For each architecture (seed and panda256 share one, measured once) it reports training images/s
+and peak memory of this repo's model against a NAIVE formulation of the same network (explicit
+softmax(QK^T/sqrt(d))V with the full T x T matrix, separate q/k/v and modulation layers, as the
+reference implementation did; same parameters, same FLOPs, same weights), the FLOPs per
+training image and MFU against the fp32 matmul peak measured in the same run, sampling speed,
+and the data pipeline against the rate the model consumes images. Every training
+configuration runs in a fresh subprocess so its peak memory is its own.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import ARCH_FIELDS, PRESETS, build_config
+from dataset import EpochBatches, ImageCache, find_images, generate_pandas, make_loader
+from diffusion import make_diffusion
+from dit import DiT
+
+REAL_DATA = "../shared/data/pandas"  # the team's photos beside the repo; absent in a fresh clone
+HERE = os.path.dirname(os.path.abspath(__file__))
+# warm-up steps, min timed steps and seconds per training config; seconds per sampler, matmul peak,
+# data-loader timing; images in the data folder (0 = all)
+MODES = {"quick": dict(warmup=1, steps=1, budget=2.0, sample_budget=2.0, peak=0.5, data_seconds=0.3, data_limit=64),
+         "full": dict(warmup=2, steps=3, budget=25.0, sample_budget=30.0, peak=2.0, data_seconds=2.0, data_limit=0)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark training, sampling and data loading against a naive model "
+                                            "and the machine's own matmul peak.")
+    p.add_argument("--presets", default="seed,panda256,panda64",
+                   help=f"comma-separated presets ({', '.join(PRESETS)}); presets with the same architecture are "
+                        "measured once, at the smallest of their batch sizes (default: seed,panda256,panda64)")
+    p.add_argument("--quick", action="store_true",
+                   help="sub-minute check: 1/4 batches, one measured step, sampling extrapolated, 64 data images")
+    p.add_argument("--json", default="", metavar="PATH", help="also write every figure to this JSON file")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models being trained (extra warm-up)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: 0 = torch's default)")
+    p.add_argument("--batch-size", type=int, default=0, help="training batch for every preset (default: the preset's)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive model (no speed-up or memory ratio)")
+    p.add_argument("--data-dir", default="",
+                   help=f"image folder for the data pipeline (default: {REAL_DATA} if present, else generated pandas)")
+    p.add_argument("--workers", default="",
+                   help="comma-separated DataLoader worker counts to compare (default: 0 and the config default)")
+    p.add_argument("--child", default="", metavar="SPEC",
+                   help="internal: run one training measurement, described by a JSON spec, in this process")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive formulation: the same network written as the reference implementation wrote it.
+
+
+def naive_modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class NaiveAttention(nn.Module):
+    """Separate q/k/v maps and an explicit (N, H, T, T) softmax(QK^T / sqrt(d)) in memory."""
+
+    def __init__(self, dim, num_heads, head_dim):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.q, self.k, self.v = (nn.Linear(dim, num_heads * head_dim) for _ in range(3))
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x):
+        N, T, _ = x.shape
+        q, k, v = (f(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))  # (N, H, T, d)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)  # (N, H, T, T)
+        return self.proj((attn @ v).transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
+
+
+class NaiveDiTBlock(nn.Module):
+    """A DiT block with one Linear per modulation parameter (alpha/beta/gamma) instead of one fused map."""
+
+    def __init__(self, dim, num_heads, head_dim, hidden):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = NaiveAttention(dim, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.ModuleList([nn.Linear(dim, dim) for _ in range(6)])
+
+    def forward(self, x, c):
+        c = F.silu(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m(c) for m in self.modulation)
+        x = x + gate_msa.unsqueeze(1) * self.attn(naive_modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(naive_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class NaiveFinalLayer(nn.Module):
+    """Final layer with separate shift and scale maps."""
+
+    def __init__(self, dim, out_features):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_features)
+        self.modulation = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
+
+    def forward(self, x, c):
+        shift, scale = (m(F.silu(c)) for m in self.modulation)
+        return self.linear(naive_modulate(self.norm(x), shift, scale))
+
+
+class NaiveDiT(DiT):
+    """DiT as first written: naive blocks and final layer, and the token stream left in the conv's
+    (N, D, T) memory order by `embedding + pos_embed` (as in the original DiT code and this repo
+    before its speed work). Load a DiT's weights with naive_state_dict()."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        dim, attn, hidden = self.pos_embed.shape[-1], self.blocks[0].attn, self.blocks[0].mlp[0].out_features
+        self.blocks = nn.ModuleList([NaiveDiTBlock(dim, attn.num_heads, attn.head_dim, hidden) for _ in self.blocks])
+        self.final_layer = NaiveFinalLayer(dim, self.final_layer.linear.out_features)
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D), strided as (N, D, T)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        return self.unpatchify(self.final_layer(x, c))  # (N, C, H, W)
+
+
+def naive_state_dict(fast_state):
+    """Split a DiT state dict's fused qkv and adaLN weights into NaiveDiT's separate layers."""
+    out = {}
+    for key, value in fast_state.items():
+        prefix, _, leaf = key.rpartition(".")  # leaf: weight or bias
+        if prefix.endswith("attn.qkv"):
+            names = [prefix[:-3] + n for n in "qkv"]
+        elif prefix.endswith("adaLN_modulation.1"):
+            base = prefix[:-len("adaLN_modulation.1")]
+            names = [f"{base}modulation.{j}" for j in range(6 if key.startswith("blocks.") else 2)]
+        else:
+            out[key] = value
+            continue
+        out.update({f"{name}.{leaf}": part for name, part in zip(names, value.chunk(len(names)))})
+    return out
+
+
+def naive_from(cfg, fast):
+    """A NaiveDiT built from the same config, computing exactly what `fast` computes."""
+    naive = NaiveDiT.from_config(cfg)
+    naive.load_state_dict(naive_state_dict(fast.state_dict()))
+    return naive.to(next(fast.parameters()).device)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring helpers
+
+
+RESULT = "BENCH_RESULT "  # a child's last line of stdout: RESULT + json
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype=torch.float32, seconds=1.0):
+    """Best FLOP/s of a large square torch.mm on this device at the current thread count."""
+    best = 0.0
+    for n in ((1024, 2048) if device.type == "cpu" else (4096, 8192)):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        torch.mm(a, b)
+        sync(device)
+        count, start = 0, time.perf_counter()
+        while count < 3 or time.perf_counter() - start < seconds / 2:
+            torch.mm(a, b)
+            sync(device)
+            count += 1
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+def peaks(device, seconds):
+    """({precision: FLOP/s}, the precision training runs in): fp32 on CPU; fp32, TF32 and bf16 on CUDA."""
+    if device.type != "cuda":
+        return {"fp32": matmul_peak(device, torch.float32, seconds)}, "fp32"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {"fp32": matmul_peak(device, torch.float32, seconds)}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out["tf32"] = matmul_peak(device, torch.float32, seconds)
+    out["bf16"] = matmul_peak(device, torch.bfloat16, seconds)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return out, "bf16"  # train.py trains under bf16 autocast on CUDA (config amp)
+
+
+def peak_memory(device):
+    """Peak bytes of this process: RSS high-water mark on CPU, allocated tensor memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def available_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return float("inf")
+
+
+def train_flops_per_image(model_class, cfg):
+    """FLOPs of one training image (forward + backward), counted on the meta device: no compute."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = model_class.from_config(cfg)
+        x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
+        t = torch.zeros(1, dtype=torch.long)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(x, t, t).sum().backward()
+    return counter.get_total_flops(), sum(p.numel() for p in model.parameters())
+
+
+def timed(step, warmup, steps, budget, device, min_warmup=1):
+    """Seconds of each timed step: up to `warmup` untimed steps (fewer when slow), then at least
+    `steps` timed ones, more while the time budget lasts."""
+    for i in range(warmup):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        if i + 1 >= min_warmup and time.perf_counter() - start > budget / 4:
+            break
+    times, start = [], time.perf_counter()
+    while len(times) < steps or (time.perf_counter() - start < budget and len(times) < 200):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# one training configuration, in a fresh process (`bench.py --child SPEC`)
+
+
+def child_setup(spec):
+    import train
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    overrides = dict(preset=spec["preset"], batch_size=spec["batch"], device=spec["device"],
+                     compile=spec["compile"], ema_decay=0.0)  # the step measured is train.train_step: no EMA
+    cfg = build_config(overrides, torch.cuda.is_available())
+    return train, cfg, train.select_device(cfg.device, 0)
+
+
+def child_train(spec):
+    """Step times and peak memory of train.train_step for the fast or the naive model."""
+    train, cfg, device = child_setup(spec)
+    peak = peaks(device, spec["peak_seconds"])[0] if spec["peak_seconds"] else {}
+    model, _, optimizer, train_model = train.build_training(cfg, device, 1)
+    if spec["naive"]:
+        model = naive_from(cfg, model)
+        optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)  # same class and settings
+        train_model = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
+    diffusion, batches = make_diffusion(cfg, device), training_batches(spec, cfg, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step():
+        x, y = next(batches)
+        train.train_step(train_model, optimizer, diffusion, x, y, cfg.lr, cfg, autocast)
+
+    times = timed(step, spec["warmup"], spec["steps"], spec["budget"], device, 3 if cfg.compile else 1)
+    return dict(step_times=times, peak_bytes=peak_memory(device), threads=torch.get_num_threads(), peak=peak)
+
+
+def training_batches(spec, cfg, device):
+    """One fixed random batch forever, or (spec["workers"] set) real images through the training loader."""
+    if spec.get("workers") is None:
+        x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        return itertools.repeat((x, torch.zeros(cfg.batch_size, dtype=torch.long, device=device)))
+    return loader_batches(spec, cfg, device)
+
+
+def loader_batches(spec, cfg, device):
+    """What train.run_loop feeds the step: cached uint8 batches -> device -> [-1, 1], epoch after epoch."""
+    data = ImageCache(spec["data_dir"], cfg.image_size, spec["cache_dir"])
+    batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip)
+    loader = make_loader(data, batches, spec["workers"], pin_memory=device.type == "cuda")
+    for epoch in itertools.count():
+        batches.set_position(epoch, 0)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0), y.to(device)
+
+
+def run_child(spec):
+    """Run child_train(spec) in a fresh interpreter; its result dict, or {"error": why}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    return {"error": (proc.stderr.strip().splitlines() or [why])[-1] + f" [{why}]"}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and data, measured in this process
+
+
+class _Enough(Exception):
+    """Stops a sampler after the steps we time."""
+
+
+def sampler_step_seconds(model, diffusion, cfg, device, sampler, steps, batch, timed_steps):
+    """Seconds per step of the real sampler loop (Diffusion.sample) at `batch` images; step 0 untimed."""
+    noise = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    stamps = []
+
+    def tick(i, *_):
+        sync(device)
+        stamps.append(time.perf_counter())
+        if len(stamps) > timed_steps:
+            raise _Enough
+
+    try:
+        diffusion.sample(model, noise, y, sampler, steps, callback=tick)
+    except _Enough:
+        pass
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def bench_sampling(cfg, device, budget, grid=64):
+    """Model evaluations/s and seconds for a `grid`-image grid with DDIM-50 and DDPM-max_t.
+
+    A grid that does not fit the time budget is extrapolated from fewer steps and/or a smaller
+    batch; the result says which."""
+    model, diffusion = DiT.from_config(cfg).to(device).eval(), make_diffusion(cfg, device)
+    per_image = sampler_step_seconds(model, diffusion, cfg, device, "ddim", 3, 1, 2)  # also warms up
+    batch = int(max(1, min(grid, budget / 3 / per_image)))
+    out = {}
+    for sampler, steps in (("ddim", min(50, cfg.max_t)), ("ddpm", cfg.max_t)):
+        k = int(max(2, min(steps - 1, budget / (batch * per_image))))
+        if steps * batch * per_image <= 1.5 * budget:
+            k = steps - 1  # cheap enough: the whole trajectory
+        seconds = sampler_step_seconds(model, diffusion, cfg, device, sampler, steps, batch, k)
+        measured = batch == grid and k == steps - 1
+        out[f"{sampler}{steps}"] = dict(grid_seconds=seconds * steps * grid / batch, evals_per_s=batch / seconds,
+                                        batch=batch, timed_steps=k, steps=steps, measured=measured)
+    return out
+
+
+def loader_rate(data, batch, workers, seconds):
+    """Images/s through EpochBatches + make_loader from the second epoch on (workers up, cache warm)."""
+    batches = EpochBatches(len(data), batch, seed=0)
+    loader = make_loader(data, batches, workers)
+    images, start = 0, None
+    for epoch in itertools.count():
+        batches.set_position(epoch, 0)
+        for x, _ in loader:
+            images += len(x) if start is not None else 0
+        if start is None:
+            start = time.perf_counter()
+        elif epoch >= 2 and time.perf_counter() - start > seconds:
+            break
+    return images / (time.perf_counter() - start)
+
+
+def bench_data(folder, cache_dir, size, batch, workers, seconds):
+    """First build of the decoded cache, then loader images/s for each worker count."""
+    start = time.perf_counter()
+    data = ImageCache(folder, size, cache_dir)
+    build = time.perf_counter() - start
+    rates = {str(w): loader_rate(data, batch, w, seconds) for w in workers}
+    return dict(images=len(data), build_seconds=build, images_per_s=rates)
+
+
+def data_folder(args, limit, tmp):
+    """The folder the data pipeline reads: --data-dir, the real photos, or generated pandas."""
+    folder = args.data_dir or os.path.join(HERE, REAL_DATA)
+    if not args.data_dir and not os.path.isdir(folder):
+        folder = os.path.join(tmp, "generated")
+        generate_pandas(folder, limit or 200, size=256)
+        return folder, "generated pandas"
+    files = [path for path, _ in find_images(folder)[0]]
+    if limit and len(files) > limit:  # --quick: a subset, linked into a flat folder
+        folder = os.path.join(tmp, "subset")
+        os.makedirs(folder)
+        for path in files[:limit]:
+            os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
+    return folder, args.data_dir or REAL_DATA
+
+
+# ---------------------------------------------------------------------------------------------
+# one architecture: fast vs naive training, sampling, data
+
+
+def arch_groups(names):
+    """Presets grouped by architecture: [(names, batch)], the batch being the smallest in the group."""
+    groups = {}
+    for name in names:
+        if name not in PRESETS:
+            raise SystemExit(f"error: unknown preset '{name}'; choose from {', '.join(PRESETS)}")
+        cfg = build_config({"preset": name})
+        groups.setdefault(tuple(getattr(cfg, f) for f in ARCH_FIELDS), []).append((name, cfg.batch_size))
+    return [([n for n, _ in group], min(b for _, b in group)) for group in groups.values()]
+
+
+def bench_arch(names, batch, args, mode, device, data, tmp):
+    """Every figure for one architecture. `data` = (folder, label) of the data-pipeline images."""
+    batch = args.batch_size or (max(1, batch // 4) if args.quick else batch)
+    cfg = build_config({"preset": names[0], "batch_size": batch}, device.type == "cuda")
+    flops, params = train_flops_per_image(DiT, cfg)
+    naive_flops, naive_params = train_flops_per_image(NaiveDiT, cfg)
+    r = dict(name="/".join(names), image_size=cfg.image_size, tokens=(cfg.image_size // cfg.patch_size) ** 2,
+             batch=batch, params=params, naive_params=naive_params, train_flops=flops, naive_train_flops=naive_flops)
+    spec = dict(preset=names[0], batch=batch, device=str(device), compile=args.compile, threads=args.threads,
+                warmup=mode["warmup"], steps=mode["steps"], budget=mode["budget"], naive=False, peak_seconds=mode["peak"])
+    say(f"{r['name']}: training (this repo), batch {batch}")
+    r["fast"] = run_child(spec)
+    r["naive"] = bench_naive(cfg, spec, args, device)
+    say(f"{r['name']}: sampling")
+    r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
+    say(f"{r['name']}: data pipeline on {data[1]}")
+    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, cfg.num_workers})
+    r["data"] = bench_data(data[0], os.path.join(tmp, "cache"), cfg.image_size, batch, workers, mode["data_seconds"])
+    r["loader_train"] = bench_loader_training(r, spec, workers, data[0], tmp, args)
+    return r
+
+
+def bench_naive(cfg, spec, args, device):
+    if args.no_naive:
+        return {"error": "skipped (--no-naive)"}
+    tokens = (cfg.image_size // cfg.patch_size) ** 2
+    need = (cfg.depth + 3) * cfg.batch_size * cfg.num_heads * tokens ** 2 * 4  # saved + transient T x T matrices
+    if need > 0.85 * available_memory(device):
+        return {"error": f"skipped: needs ~{need / 1e9:.0f} GB for its attention matrices, "
+                         f"{available_memory(device) / 1e9:.0f} GB available"}
+    say(f"{cfg.preset}: training (naive formulation), batch {cfg.batch_size}")
+    return run_child({**spec, "naive": True, "peak_seconds": 0})
+
+
+def bench_loader_training(r, spec, workers, folder, tmp, args):
+    """The training step fed by the real loader, for each worker count (full mode, fast steps only)."""
+    fast = r["fast"]
+    if args.quick or "error" in fast or statistics.median(fast["step_times"]) > 5:
+        return {}
+    say(f"{r['name']}: training on real data, DataLoader workers {workers}")
+    out = {}
+    for w in workers:
+        res = run_child({**spec, "workers": w, "data_dir": folder, "cache_dir": os.path.join(tmp, "cache"), "peak_seconds": 0})
+        out[str(w)] = res if "error" in res else r["batch"] / statistics.median(res["step_times"])
+    return out
+
+
+def say(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# derived figures, the table, main
+
+
+def summarize(r, peak):
+    """Images/s, speed-up, memory ratio, achieved FLOP/s and MFU (against `peak` FLOP/s)."""
+    for kind in ("fast", "naive"):
+        if "step_times" in r[kind]:
+            r[kind]["images_per_s"] = r["batch"] / statistics.median(r[kind]["step_times"])
+    fast, naive = r["fast"], r["naive"]
+    if "images_per_s" in fast:
+        r["achieved_flops"] = r["train_flops"] * fast["images_per_s"]
+        r["mfu"] = r["achieved_flops"] / peak
+        r["data_vs_model"] = {w: rate / fast["images_per_s"] for w, rate in r["data"]["images_per_s"].items()}
+    if "images_per_s" in fast and "images_per_s" in naive:
+        r["speedup"] = fast["images_per_s"] / naive["images_per_s"]
+        r["memory_ratio"] = fast["peak_bytes"] / naive["peak_bytes"]
+
+
+def fmt(x, unit=""):
+    if x is None:
+        return "-"
+    digits = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2 if abs(x) >= 1 else 3
+    return f"{x:,.{digits}f}{unit}"
+
+
+def table_rows(r, notes):
+    """(label, value) pairs of one architecture's column."""
+    f, n, s, d = r["fast"], r["naive"], r["sampling"], r["data"]
+    err = lambda res: res.get("error", "").split(";")[0][:40] or None  # noqa: E731
+    rows = [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
+            ("parameters (this repo = naive)", f"{r['params'] / 1e6:.3f} M" + ("" if r["params"] == r["naive_params"] else " (!)")),
+            ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + ("" if r["train_flops"] == r["naive_train_flops"] else " (!)")),
+            ("train img/s, this repo", err(f) or fmt(f.get("images_per_s"))),
+            ("train img/s, naive", err(n) or fmt(n.get("images_per_s"))),
+            ("speed-up over naive", fmt(r.get("speedup"), "x")),
+            ("peak memory, this repo", err(f) or fmt(f.get("peak_bytes", 0) / 1e9, " GB")),
+            ("peak memory, naive", err(n) or fmt(n.get("peak_bytes", 0) / 1e9, " GB")),
+            ("memory this repo / naive", fmt(r.get("memory_ratio"))),
+            ("achieved GFLOP/s (MFU)", f"{fmt(r.get('achieved_flops', 0) / 1e9)} ({fmt(100 * r.get('mfu', 0))}%)")]
+    for key, res in s.items():
+        mark = "" if res["measured"] else "*"
+        if not res["measured"]:
+            notes.add("* extrapolated: time per step measured over the steps and batch given, "
+                      "scaled to all steps and 64 images")
+        rows.append((f"sampling {key.upper()}: evals/s", f"{fmt(res['evals_per_s'])} (b{res['batch']})"))
+        rows.append((f"  64-image grid, s", f"{fmt(res['grid_seconds'])}{mark}" + ("" if res["measured"] else f" ({res['timed_steps']} st, b{res['batch']})")))
+    rows.append(("data: first decode+cache, s", f"{fmt(d['build_seconds'])} ({d['images']} img)"))
+    for w, rate in d["images_per_s"].items():
+        rows.append((f"data img/s, {w} workers (x model)", f"{fmt(rate)} (x{fmt(r.get('data_vs_model', {}).get(w))})"))
+    for w, rate in r["loader_train"].items():
+        rows.append((f"train img/s on real data, {w} workers", err(rate) if isinstance(rate, dict) else fmt(rate)))
+    return rows
+
+
+def print_table(report):
+    m, notes = report["machine"], set()
+    cols = [table_rows(r, notes) for r in report["archs"]]
+    print(f"\nbench.py {report['mode']} on {m['device']} ({m['gpu'] or m['cpu']}), {m['cores']} CPU cores, "
+          f"torch {m['torch']} with {m['threads']} threads; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
+    print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in m["peak"].items()))
+    labels = [label for label, _ in cols[0]] if cols else []
+    width = max(map(len, labels), default=0) + 2
+    heads = [f"{r['name']}" for r in report["archs"]]
+    widths = [max(len(h), *(len(v) for _, v in col)) + 2 for h, col in zip(heads, cols)]
+    print(" " * width + "".join(h.ljust(w) for h, w in zip(heads, widths)))
+    for i, label in enumerate(labels):
+        print(label.ljust(width) + "".join(col[i][1].ljust(w) for col, w in zip(cols, widths)))
+    for note in sorted(notes) + report["notes"]:
+        print(note)
+
+
+def machine_info(device):
+    return dict(device=str(device), cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+                torch=torch.__version__, python=platform.python_version(), load_start=os.getloadavg()[0])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        print(RESULT + json.dumps(child_train(json.loads(args.child))), flush=True)
+        return
+    import train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mode = MODES["quick" if args.quick else "full"]
+    device = train.select_device(args.device, 0)
+    report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
+    peak, precision = peaks(device, mode["peak"])
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        data = data_folder(args, mode["data_limit"], tmp)
+        for names, batch in arch_groups([p for p in args.presets.split(",") if p]):
+            report["archs"].append(bench_arch(names, batch, args, mode, device, data, tmp))
+    for r in report["archs"]:  # the best peak seen anywhere in the run: MFU is never flattered by a slow moment
+        peak = {k: max(v, r["fast"].get("peak", {}).get(k, 0)) for k, v in peak.items()}
+    report["machine"].update(peak=peak, load_end=os.getloadavg()[0], mfu_precision=precision)
+    for r in report["archs"]:
+        summarize(r, peak[precision])
+    report["notes"].append(f"MFU = achieved / {precision} peak. Steady state: median step after warm-up; "
+                           f"full step = forward + loss + backward + clip + Adam. Data: {data[1]}.")
+    print_table(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
