@@ -273,6 +273,14 @@ def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(capsys):
     assert resumed_at(capsys.readouterr().out) == (f"step_{step:07d}.pt", step)
 
 
+def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(monkeypatch, capsys):
+    """Ctrl-C while images are being decoded (no Stopper yet) is a one-line exit 130, not a KeyboardInterrupt trace."""
+    monkeypatch.setattr(train, "load_data", lambda cfg, rank: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 130 and "interrupted before training started; nothing to save" in capsys.readouterr().out
+
+
 def test_second_ctrl_c_during_a_save_exits_130_and_loses_nothing(straight, capsys):
     """Ctrl-C twice while step 6 is being written: exit 130 at once; step 3 intact; the next run resumes exactly."""
     pid = fork_train("c.log", "write:6")
