@@ -97,7 +97,7 @@ PRESETS = {
                     sample_every=250, ckpt_every=250),
     # For tests: a few seconds on a CPU.
     "tiny": dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16,
-                 lr=1e-3, warmup_steps=0, batch_size=8, max_steps=50, max_t=100, sample_n=4,
+                 lr=1e-3, warmup_steps=0, batch_size=8, max_steps=50, sample_n=4,
                  sample_steps=10, log_every=5, hist_every=10, sample_every=25, ckpt_every=25,
                  milestone_every=0, num_workers=0, ema_decay=0.99),
 }
@@ -151,10 +151,21 @@ def check_config(cfg):
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
     if cfg.eval_every < 0 or cfg.eval_n < 1 or cfg.eval_steps < 1 or cfg.holdout < 0:
         problems.append("eval_every and holdout must be >= 0, eval_n and eval_steps >= 1")
+    if cfg.max_t >= 1 and terminal_alpha_bar(cfg) > 0.05:
+        problems.append(f"max_t={cfg.max_t} with betas {cfg.beta_start}..{cfg.beta_end} leaves {terminal_alpha_bar(cfg):.2f} "
+                        "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def terminal_alpha_bar(cfg):
+    """alpha-bar at t = max_t - 1: the share of the signal left in x_T (should be ~0)."""
+    a = 1.0
+    for i in range(cfg.max_t):
+        a *= 1.0 - (cfg.beta_start + (cfg.beta_end - cfg.beta_start) * i / max(1, cfg.max_t - 1))
+    return a
 
 
 def config_from_dict(d):

@@ -31,7 +31,7 @@ def _seeded():
 
 @pytest.fixture
 def tiny_cfg():
-    """The `tiny` preset (16 px, 2 blocks, width 32, max_t 100) on the CPU."""
+    """The `tiny` preset (16 px, 2 blocks, width 32, max_t 1000) on the CPU."""
     return build_config({"preset": "tiny", "device": "cpu"}, cuda_available=False)
 
 
