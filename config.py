@@ -42,6 +42,7 @@ class Config:
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
     loss: str = knob("l1", "loss on the predicted noise: l1 or mse")
+    min_snr_gamma: float = knob(0.0, "Min-SNR loss weighting min(SNR, gamma)/SNR per sample (0 = off, as described)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")
     lr: float = knob(3e-4, "peak learning rate")

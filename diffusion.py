@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 class Diffusion:
     """Schedule terms, q(x_t | x_0), the noise-prediction loss and the reverse samplers."""
 
-    def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu"):
-        self.max_t, self.loss_type = max_t, loss
+    def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0):
+        self.max_t, self.loss_type, self.min_snr_gamma = max_t, loss, min_snr_gamma
         betas = torch.linspace(beta_start, beta_end, max_t, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -58,7 +58,14 @@ class Diffusion:
         noise = torch.randn(x_start.shape, device=x_start.device, generator=generator)
         eps = model(self.q_sample(x_start, t, noise), t, y)
         loss_fn = F.l1_loss if self.loss_type == "l1" else F.mse_loss
-        return loss_fn(eps.float(), noise), eps, noise
+        if not self.min_snr_gamma:
+            return loss_fn(eps.float(), noise), eps, noise
+        # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR per sample, so the easy
+        # low-noise steps stop dominating the gradient of the eps objective.
+        snr = self.alphas_cumprod.to(t.device)[t] / (1 - self.alphas_cumprod.to(t.device)[t])
+        weight = snr.clamp(max=self.min_snr_gamma) / snr
+        per_sample = loss_fn(eps.float(), noise, reduction="none").flatten(1).mean(1)
+        return (weight * per_sample).mean(), eps, noise
 
     # ---- reverse process ----
 
@@ -136,4 +143,4 @@ class Diffusion:
 
 
 def make_diffusion(cfg, device="cpu"):
-    return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device)
+    return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device, cfg.min_snr_gamma)

@@ -203,3 +203,21 @@ def test_timesteps_bounds():
     for bad in (0, -3, 101):
         with pytest.raises(ValueError, match="steps"):
             diffusion.timesteps(bad)
+
+
+def test_min_snr_weighting_matches_the_formula():
+    """Min-SNR-gamma scales each sample's loss by min(SNR_t, gamma) / SNR_t; gamma = 0 is the plain loss."""
+    x0, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)
+    eps_model = lambda x, t, y: torch.zeros_like(x)  # noqa: E731  loss = mean(noise^2) per sample
+    plain, weighted = Diffusion(loss="mse"), Diffusion(loss="mse", min_snr_gamma=5.0)
+    torch.manual_seed(0)
+    base, _, noise = plain.training_loss(eps_model, x0, y)
+    torch.manual_seed(0)
+    t = torch.randint(0, T, (6,))  # the t that training_loss draws first from the same seed
+    torch.manual_seed(0)
+    loss, _, _ = weighted.training_loss(eps_model, x0, y)
+    snr = [ABAR[i] / (1 - ABAR[i]) for i in t.tolist()]
+    expected = sum(min(s, 5.0) / s * (noise[i] ** 2).mean().item() for i, s in enumerate(snr)) / 6
+    close(base, (noise ** 2).mean())
+    close(loss, torch.tensor(expected), tol=1e-5)
+    assert loss < base  # low-noise samples (SNR > 5) are down-weighted

@@ -1,0 +1,89 @@
+"""What an hour buys: train in wall-clock increments and measure SWD after each.
+
+    python scripts/quality_curve.py --minutes 5 10 20 40 -- \\
+        --preset panda64 --data-dir ../shared/data/pandas --holdout 100 --run curve64
+
+Everything after `--` goes to train.py. Training runs in increments of `--max-minutes` (each
+resumes exactly where the last stopped, so the run equals one uninterrupted run); after each,
+`--n` images are sampled from the EMA weights (DDIM, fixed noise) and compared with the held-out
+photos by SWD at 64 px (metrics.py). Prints a table and appends JSON lines to --json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import metrics  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from config import config_from_dict  # noqa: E402
+from dataset import DEFAULT_DATA_DIR, find_images  # noqa: E402
+from diffusion import make_diffusion  # noqa: E402
+from dit import DiT  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                usage="%(prog)s [--minutes M ...] [--n N] [--steps S] -- TRAIN_FLAGS")
+    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20], help="cumulative training minutes to measure at")
+    p.add_argument("--n", type=int, default=256, help="images sampled per measurement (default: 256)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default: 50)")
+    p.add_argument("--json", default="", help="append one JSON line per measurement here")
+    p.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for train.py, after --")
+    args = p.parse_args(argv)
+    args.train_flags = [a for a in args.train_flags if a != "--"]
+    return args
+
+
+@torch.inference_mode()
+def measure(state, n, steps):
+    """SWD of n EMA samples against the run's reference photos."""
+    cfg = config_from_dict(state["config"])
+    model = DiT.from_config(cfg)
+    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+    model.eval()
+    diffusion = make_diffusion(cfg)
+    noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234))
+    y = torch.arange(n) % cfg.num_labels
+    fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps) for i in range(0, n, 64)])
+    data_dir = cfg.data_dir or DEFAULT_DATA_DIR
+    train_files = [f for f, _ in find_images(data_dir)[0]]
+    paths = metrics.reference_paths(data_dir, cfg.holdout, train_files, n)
+    return metrics.swd(metrics.reference_images(tuple(paths), metrics.EVAL_SIZE), metrics.to_uint8(fake)), fake
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = 0.0
+    print("| minutes | step | SWD mean | per level (64/32/16 px) |\n|---|---|---|---|", flush=True)
+    for minutes in args.minutes:
+        cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags,
+               "--max-minutes", str(minutes - done), "--eval-every", "0"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        done = minutes
+        cfg = config_from_dict(json.load(open(os.path.join(_run_dir(args.train_flags), "config.json"))))
+        state = load_checkpoint(os.path.join(cfg.ckpt_dir, cfg.run, "latest.pt"))
+        t0 = time.time()
+        result, fake = measure(state, args.n, args.steps)
+        levels = "/".join(f"{v:.1f}" for v in result["levels"])
+        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  (eval {time.time() - t0:.0f}s)", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"run": cfg.run, "minutes": minutes, "step": state["step"], **result}) + "\n")
+
+
+def _run_dir(flags):
+    """checkpoints/<run> from the train flags (the run name is required here)."""
+    value = lambda name, default: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
+    if "--run" not in flags:
+        raise SystemExit("error: pass --run NAME among the train.py flags, so the curve has its own run")
+    return os.path.join(value("--ckpt-dir", "checkpoints"), value("--run", ""))
+
+
+if __name__ == "__main__":
+    main()
