@@ -233,8 +233,11 @@ class EpochBatches:
     """Batches of (index, flip) for one process. Order and flips depend only on (seed, epoch).
 
     Every step consumes `batch_size * world_size` positions of the epoch's permutation; rank r
-    takes its own contiguous block of them. Resuming at any position, with any world size,
-    continues the same sequence.
+    takes its own contiguous block of them, so the ranks' shards are disjoint. The position
+    (saved as `epoch_pos`) counts images, not steps: resuming at any position, with any world
+    size or batch size, continues the same sequence. Each epoch drops its last partial global
+    batch (a different remainder every epoch). A data set smaller than one global batch is
+    repeated within the epoch; only there does the order depend on the global batch.
     """
 
     def __init__(self, n, batch_size, seed, hflip=True, rank=0, world_size=1):

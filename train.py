@@ -50,13 +50,23 @@ def parse_args(argv=None):
 # set-up
 
 
-def setup_distributed():
-    """(rank, world_size, local_rank); initialises the process group only under torchrun."""
+def setup_distributed(device="auto"):
+    """(rank, world_size, local_rank); initialises the process group only under torchrun (RANK set).
+
+    gloo for CPU training, nccl for CUDA with one GPU per process (LOCAL_RANK), bound before the
+    first collective. A rank that dies closes its connections and the others fail at their next
+    collective; one that hangs makes them fail after the timeout; either way torchrun then stops
+    every process. The timeout also bounds how long ranks wait for rank 0 to decode the image cache.
+    """
     if "RANK" not in os.environ:
         return 0, 1, 0
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available() and not device.startswith("cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
+                            device_id=torch.device("cuda", local_rank) if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def select_device(name, local_rank):
@@ -256,25 +266,57 @@ def sample_grid(cfg, model, diffusion, device, num_labels):
 # distributed helpers (no-ops in a single process)
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def peers_alive():
+    """A collective that fails because another rank died (or hung past the timeout) ends this rank
+    with one line pointing at the real error, not a traceback from deep inside gloo/nccl."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo: 'Connection closed by peer'; nccl/timeouts: DistBackendError
+        raise SystemExit(f"error: rank {dist.get_rank()} lost contact with the other processes "
+                         f"({str(e).splitlines()[0][:160]}); most likely another rank failed first: see its error above") from None
+
+
 def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if distributed():
+        with peers_alive():
+            dist.barrier()
 
 
 def all_mean(x):
-    if dist.is_available() and dist.is_initialized():
+    """Mean over ranks (the logged loss is the global batch's, not rank 0's)."""
+    if distributed():
         x = x.clone()
-        dist.all_reduce(x)
+        with peers_alive():
+            dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
 
 
 def any_rank(flag, device):
-    if dist.is_available() and dist.is_initialized():
+    """True on every rank if it is True on any (a signal or time budget seen by one rank stops all)."""
+    if distributed():
         t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        with peers_alive():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
     return flag
+
+
+def reseed_rank(seed, rank, step):
+    """Give rank r > 0 its own stream for noise, timesteps and label dropout.
+
+    Every rank starts from torch.manual_seed(seed) (identical weights) or from rank 0's saved RNG
+    state, so without this all ranks would draw the same noise for different images. Rank 0
+    keeps its exact (restored) stream; the others' streams are not checkpointed but are a pure
+    function of (seed, rank, step at start), so a resumed multi-process run is reproducible.
+    """
+    if rank > 0:
+        torch.manual_seed(random.Random(f"{seed}/{rank}/{step}").getrandbits(63))
 
 
 def say(message, rank=0):
@@ -363,7 +405,7 @@ def check_writable(*folders):
 
 def main(argv=None):
     overrides, fresh = parse_args(argv)
-    rank, world_size, local_rank = setup_distributed()
+    rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
     try:
         cfg, state = resolve_config(overrides, fresh, rank)
         device = select_device(cfg.device, local_rank)
@@ -415,10 +457,12 @@ def setup_run(cfg, data, state, device, rank, world_size):
     progress = dict(step=0, epoch=0, epoch_pos=0, epoch_loss_sum=0.0, epoch_batches=0, bad_steps=0)
     if state is not None:
         progress = restore(state, model, ema, optimizer, device)
+    reseed_rank(cfg.seed, rank, progress["step"])
     batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip, rank, world_size)
     loader = make_loader(data, batches, cfg.num_workers, pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else contextlib.nullcontext()
     log = Logger(cfg, progress["step"], enabled=rank == 0)
+    log.scalars(progress["step"], **{"Train/global_batch": batches.global_batch, "Train/world_size": world_size})
     r = Run(cfg, data, model, ema, optimizer, train_model, make_diffusion(cfg, device), batches, loader, log, autocast, device, rank)
     say(f"preset {cfg.preset}, run '{cfg.run}': {len(data)} images, {len(data.classes)} label(s), "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "

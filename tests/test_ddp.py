@@ -1,0 +1,219 @@
+"""Multi-process training (DDP over gloo on the CPU) and the per-rank data shards.
+
+The end-to-end test starts real processes with the environment torchrun would give them
+(RANK, WORLD_SIZE, MASTER_ADDR, ...) and calls train.main in each, so the same code path as
+`torchrun --nproc_per_node=2 train.py` runs. Each rank reports what it ended with (parameter
+hashes, losses, files it wrote) through a queue; nothing is added to train.py for testing.
+"""
+import glob
+import hashlib
+import multiprocessing
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+from conftest import make_pandas, run_train, train_argv
+from dataset import EpochBatches
+
+# ---------------------------------------------------------------------------------------------
+# per-rank shards of an epoch (pure functions, no processes)
+
+
+def global_sequence(n, batch, world_size, epoch=0, start=0, seed=5):
+    """What all ranks together draw from `start` to the end of an epoch, step by step in rank order."""
+    shards = []
+    for rank in range(world_size):
+        batches = EpochBatches(n, batch, seed, rank=rank, world_size=world_size)
+        batches.set_position(epoch, start)
+        shards.append(list(batches))
+        assert len(shards[-1]) == len(batches)
+    assert len({len(s) for s in shards}) == 1, "every rank must take the same number of steps (DDP would hang)"
+    return [pair for step in zip(*shards) for block in step for pair in block]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_shards_are_disjoint_and_cover_the_epoch(world_size):
+    n, batch = 23, 3  # global batch 3, 6 or 9: 23 is a multiple of none of them
+    ranks = []
+    for rank in range(world_size):
+        ranks.append([i for b in EpochBatches(n, batch, 5, rank=rank, world_size=world_size) for i, _ in b])
+    indices = [i for r in ranks for i in r]
+    assert len(indices) == len(set(indices)), "ranks overlap"
+    assert len(indices) == n - n % (batch * world_size)  # all but the epoch's last partial global batch
+    perm, flips = EpochBatches(n, batch, 5, world_size=world_size).order(0)
+    assert global_sequence(n, batch, world_size) == list(zip(perm, flips))[:len(indices)]  # one epoch order, cut in blocks
+    assert global_sequence(n, batch, world_size, epoch=1) != global_sequence(n, batch, world_size, epoch=0)
+
+
+@pytest.mark.parametrize("new_batch, new_world_size", [(2, 3), (6, 1), (4, 1), (3, 2)])
+def test_resume_with_another_world_size_continues_the_same_order(new_batch, new_world_size):
+    n, steps = 50, 3
+    before = global_sequence(n, 3, 2)[:steps * 6]  # 3 steps of 2 ranks x 3 images: position 18
+    after = global_sequence(n, new_batch, new_world_size, start=len(before))
+    perm, flips = EpochBatches(n, 1, 5).order(0)
+    assert before + after == list(zip(perm, flips))[:len(before) + len(after)]
+    assert len(after) == (n - len(before)) // (new_batch * new_world_size) * new_batch * new_world_size
+
+
+# ---------------------------------------------------------------------------------------------
+# two real processes
+
+
+def digest(state_dict):
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        h.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def watch_writes(root, found):
+    """Record every file created, written, renamed or removed under `root` (Python audit events)."""
+    root = os.path.realpath(root) + os.sep
+    writing_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    events = {"os.mkdir": 0, "os.rename": 1, "os.remove": 0, "os.rmdir": 0, "os.link": 1, "os.symlink": 1,
+              "os.truncate": 0, "shutil.copyfile": 1}
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & writing_flags)
+        elif event in events:
+            path = args[events[event]]
+            writing = not (event == "os.mkdir" and os.path.isdir(path))  # makedirs(exist_ok=True) creates nothing
+        else:
+            return
+        if writing and isinstance(path, (str, bytes)) and os.path.realpath(os.fsdecode(path)).startswith(root):
+            found.append(f"{event} {os.fsdecode(path)}")
+
+    sys.addaudithook(hook)
+
+
+def _rank_main(rank, world_size, port, workdir, argv, queue):
+    """One rank, started as torchrun would; reports its end state to the test through `queue`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import diffusion
+    import torch.distributed as dist
+    import train
+
+    report = dict(rank=rank, pid=os.getpid(), writes=[], local_loss=[], logged_loss=[], sample_grids=0)
+    watch_writes(os.path.dirname(workdir), report["writes"])
+    real_loss, real_step, real_loop, real_grid = (diffusion.Diffusion.training_loss, train.train_step,
+                                                  train.run_loop, train.sample_grid)
+
+    def training_loss(self, *args, **kwargs):  # this rank's own loss, before averaging
+        out = real_loss(self, *args, **kwargs)
+        report["local_loss"].append(float(out[0].detach()))
+        return out
+
+    def train_step(*args, **kwargs):  # what the loop logs
+        out = real_step(*args, **kwargs)
+        report["logged_loss"].append(float(out["loss"]))
+        return out
+
+    def run_loop(r, p):
+        real_loop(r, p)
+        report.update(step=p["step"], epoch=p["epoch"], epoch_pos=p["epoch_pos"], model=digest(r.model.state_dict()),
+                      ema=digest(r.ema.state_dict()), rng=hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+                      world_size=dist.get_world_size() if dist.is_initialized() else 1)
+
+    def sample_grid(*args, **kwargs):
+        report["sample_grids"] += 1
+        return real_grid(*args, **kwargs)
+
+    diffusion.Diffusion.training_loss = training_loss
+    train.train_step, train.run_loop, train.sample_grid = train_step, run_loop, sample_grid
+    try:
+        os.chdir(workdir)
+        train.main(argv)
+    except BaseException as e:
+        report["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        queue.put(report)
+
+
+def run_ranks(world_size, workdir, argv, timeout=150):
+    """Start `world_size` ranks; returns their reports in rank order. A failure anywhere fails the test."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.makedirs(workdir, exist_ok=True)
+    procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, str(workdir), argv, queue))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        reports = sorted((queue.get(timeout=timeout) for _ in procs), key=lambda r: r["rank"])
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r['rank']}: {r['error']}" for r in reports if "error" in r]
+    assert not errors and all(p.exitcode == 0 for p in procs), errors
+    return reports
+
+
+def assert_ranks_agree(reports, steps):
+    r0, r1 = reports
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["step"] == r1["step"] == steps
+    assert r0["model"] == r1["model"], "parameters differ between ranks"
+    assert r0["ema"] == r1["ema"], "EMA weights differ between ranks"
+    assert r0["rng"] != r1["rng"], "ranks draw the same noise"
+    # logged loss = mean of the ranks' own losses, the same on both; the own losses differ
+    assert r0["logged_loss"] == r1["logged_loss"]
+    for mean, a, b in zip(r0["logged_loss"], r0["local_loss"], r1["local_loss"]):
+        assert a != b and mean == pytest.approx((a + b) / 2, rel=1e-5)
+    assert r0["writes"] and r0["sample_grids"] > 0
+    assert r1["writes"] == [] and r1["sample_grids"] == 0, "rank 1 wrote files or drew samples"
+
+
+def latest(workdir):
+    return torch.load(os.path.join(workdir, "checkpoints", "tiny", "latest.pt"), weights_only=True)
+
+
+def test_one_process_then_two_then_one(tmp_path, monkeypatch):
+    """A 1-process checkpoint resumes in 2 ranks; theirs resumes in a plain `python train.py` again."""
+    data = make_pandas(tmp_path / "pandas", 20)  # 20 images: a multiple of neither global batch (4 x 1, 4 x 2)
+    workdir = str(tmp_path / "run")
+    flags = ["--batch-size", 4, "--log-every", 1, "--sample-every", 3, "--sample-n", 2, "--sample-steps", 2,
+             "--ckpt-every", 3, "--no-log-graph"]
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr("torch.distributed.init_process_group", lambda *a, **k: pytest.fail("process group in 1 process"))
+
+    run_train(workdir, data, *flags, "--max-steps", 3)
+    assert (latest(workdir)["epoch"], latest(workdir)["epoch_pos"]) == (0, 12)
+
+    # 1 -> 2, with a new cache folder so that rank 0 builds it while rank 1 waits
+    argv = train_argv(workdir, data, *flags, "--max-steps", 6, "--cache-dir", os.path.join(workdir, "cache2"))
+    reports = run_ranks(2, workdir, argv)
+    assert_ranks_agree(reports, 6)
+    assert os.listdir(os.path.join(workdir, "cache2"))
+    state = latest(workdir)
+    assert (state["epoch"], state["epoch_pos"]) == (1, 16)  # one 8 at position 12 of epoch 0, then two of epoch 1
+    assert digest(state["model"]) == reports[1]["model"] and digest(state["ema"]) == reports[1]["ema"]
+    events = glob.glob(os.path.join(workdir, "dit_training", "tiny", "events.out.tfevents.*"))
+    assert sorted(int(e.split(".")[-2]) for e in events) == sorted([os.getpid(), reports[0]["pid"]])  # not rank 1
+    scalars = read_scalars(next(e for e in events if int(e.split(".")[-2]) == reports[0]["pid"]))
+    assert scalars["Train/global_batch"] == [(3, 8.0)] and scalars["Train/world_size"] == [(3, 2.0)]
+    assert [v for _, v in scalars["Loss/batch"]] == pytest.approx(reports[0]["logged_loss"], rel=1e-6)
+
+    # 2 -> 1: 1 x 4 takes what 2 x 4 leaves at the end of epoch 1
+    run_train(workdir, data, *flags, "--max-steps", 7)
+    state = latest(workdir)
+    assert (state["step"], state["epoch"], state["epoch_pos"]) == (7, 1, 20)
+
+
+def read_scalars(path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(path)
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
