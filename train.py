@@ -191,11 +191,15 @@ def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
 class Stopper:
     """Turns SIGINT/SIGTERM into 'save and exit at the end of this step'; a second Ctrl-C exits at once."""
 
-    def __init__(self):
-        self.requested, self.pid = False, os.getpid()
+    def __enter__(self):
+        self.requested, self.pid, self.previous = False, os.getpid(), {}
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._handle)
-            signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):  # give Ctrl-C back to its previous owner (a notebook, pytest)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a forked DataLoader worker (Ctrl-C reaches the whole group): the trainer decides
@@ -568,9 +572,15 @@ def end_epoch(r, p):
 
 def run_loop(r, p):
     """Train until max_steps, the time budget, or a signal; checkpoint on the way out."""
-    cfg, stopper, start = r.cfg, Stopper(), time.time()
-    bar = tqdm(total=cfg.max_steps, initial=p["step"], disable=r.rank != 0, desc=cfg.run, dynamic_ncols=True)
-    meter = Meter(p["step"])
+    bar = tqdm(total=r.cfg.max_steps, initial=p["step"], disable=r.rank != 0, desc=r.cfg.run, dynamic_ncols=True)
+    with Stopper() as stopper, bar:
+        train_until_stop(r, p, stopper, bar)
+    more = "reached --max-steps; raise it" if p["step"] >= r.cfg.max_steps else "run the same command"
+    say(f"stopped at step {p['step']} ({more} to continue); checkpoints in {os.path.join(r.cfg.ckpt_dir, r.cfg.run)}", r.rank)
+
+
+def train_until_stop(r, p, stopper, bar):
+    cfg, start, meter = r.cfg, time.time(), Meter(p["step"])
     while p["step"] < cfg.max_steps:
         r.batches.set_position(p["epoch"], p["epoch_pos"])
         for x, y in r.loader:
@@ -590,9 +600,6 @@ def run_loop(r, p):
             end_epoch(r, p)
             continue
         break
-    bar.close()
-    more = "reached --max-steps; raise it" if p["step"] >= cfg.max_steps else "run the same command"
-    say(f"stopped at step {p['step']} ({more} to continue); checkpoints in {os.path.join(cfg.ckpt_dir, cfg.run)}", r.rank)
 
 
 if __name__ == "__main__":

@@ -711,3 +711,12 @@ def test_unwritable_cache_folder_is_a_clear_error():
         ImageCache("imgs", 16, os.path.join("blocker", "cache"))
     assert str(e.value) == ("cannot create the image cache folder 'blocker/cache' (Not a directory); "
                             "pass another --cache-dir")
+
+
+def test_signal_handlers_are_given_back_after_training():
+    """train.main catches Ctrl-C only while it trains: afterwards the caller's handlers are back."""
+    mine = lambda signum, frame: None  # noqa: E731
+    signal.signal(signal.SIGINT, mine)
+    signal.signal(signal.SIGTERM, mine)
+    run(steps=2)
+    assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
