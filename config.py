@@ -116,13 +116,17 @@ def resolve_preset(name, cuda_available):
 def add_config_flags(parser):
     """One flag per Config field; unset flags stay absent so presets can fill them."""
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
         help_text = f.metadata["help"] + f" (default: {f.default})"
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+
+
+# torchrun takes `--run` for an abbreviation of its own --run-path: `--run-name` gets past it.
+ALIASES = {"run": ("--run-name",)}
 
 
 def build_config(overrides, cuda_available=False):
