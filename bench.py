@@ -298,7 +298,8 @@ def child_train(spec):
         train.train_step(train_model, optimizer, diffusion, x, y, cfg.lr, cfg, autocast)
 
     times = timed(step, spec["warmup"], spec["steps"], spec["budget"], device, 3 if cfg.compile else 1)
-    return dict(step_times=times, peak_bytes=peak_memory(device), threads=torch.get_num_threads(), peak=peak)
+    return dict(step_times=times, peak_bytes=peak_memory(device), threads=torch.get_num_threads(), peak=peak,
+                load=os.getloadavg()[0])
 
 
 def training_batches(spec, cfg, device):
@@ -364,16 +365,16 @@ def bench_sampling(cfg, device, budget, grid=64):
     A grid that does not fit the time budget is extrapolated from fewer steps and/or a smaller
     batch; the result says which."""
     model, diffusion = DiT.from_config(cfg).to(device).eval(), make_diffusion(cfg, device)
-    per_image = sampler_step_seconds(model, diffusion, cfg, device, "ddim", 3, 1, 2)  # also warms up
+    per_image = sampler_step_seconds(model, diffusion, cfg, device, "ddim", 2, 1, 1)  # also warms up
     batch = int(max(1, min(grid, budget / 3 / per_image)))
     out = {}
     for sampler, steps in (("ddim", min(50, cfg.max_t)), ("ddpm", cfg.max_t)):
         k = int(max(2, min(steps - 1, budget / (batch * per_image))))
-        if steps * batch * per_image <= 1.5 * budget:
+        if steps * batch * per_image <= 2 * budget:  # batch-1 cost overestimates a batch's: usually fits
             k = steps - 1  # cheap enough: the whole trajectory
         seconds = sampler_step_seconds(model, diffusion, cfg, device, sampler, steps, batch, k)
         measured = batch == grid and k == steps - 1
-        out[f"{sampler}{steps}"] = dict(grid_seconds=seconds * steps * grid / batch, evals_per_s=batch / seconds,
+        out[f"{sampler}-{steps}"] = dict(grid_seconds=seconds * steps * grid / batch, evals_per_s=batch / seconds,
                                         batch=batch, timed_steps=k, steps=steps, measured=measured)
     return out
 
@@ -464,14 +465,15 @@ def bench_naive(cfg, spec, args, device):
     if need > 0.85 * available_memory(device):
         return {"error": f"skipped: needs ~{need / 1e9:.0f} GB for its attention matrices, "
                          f"{available_memory(device) / 1e9:.0f} GB available"}
-    say(f"{cfg.preset}: training (naive formulation), batch {cfg.batch_size}")
+    say(f"{spec['preset']}: training (naive formulation), batch {cfg.batch_size}")
     return run_child({**spec, "naive": True, "peak_seconds": 0})
 
 
 def bench_loader_training(r, spec, workers, folder, tmp, args):
-    """The training step fed by the real loader, for each worker count (full mode, fast steps only)."""
+    """The training step fed by the real loader, for each worker count. Full mode only, and only where
+    the model eats more than 2 images/s: slower, the loader cannot matter (and it costs minutes)."""
     fast = r["fast"]
-    if args.quick or "error" in fast or statistics.median(fast["step_times"]) > 5:
+    if args.quick or "error" in fast or r["batch"] / statistics.median(fast["step_times"]) < 2:
         return {}
     say(f"{r['name']}: training on real data, DataLoader workers {workers}")
     out = {}
@@ -511,50 +513,75 @@ def fmt(x, unit=""):
     return f"{x:,.{digits}f}{unit}"
 
 
+def _error(res):
+    return res.get("error", "")[:60] or None if isinstance(res, dict) else None
+
+
 def table_rows(r, notes):
-    """(label, value) pairs of one architecture's column."""
-    f, n, s, d = r["fast"], r["naive"], r["sampling"], r["data"]
-    err = lambda res: res.get("error", "").split(";")[0][:40] or None  # noqa: E731
-    rows = [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
-            ("parameters (this repo = naive)", f"{r['params'] / 1e6:.3f} M" + ("" if r["params"] == r["naive_params"] else " (!)")),
-            ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + ("" if r["train_flops"] == r["naive_train_flops"] else " (!)")),
-            ("train img/s, this repo", err(f) or fmt(f.get("images_per_s"))),
-            ("train img/s, naive", err(n) or fmt(n.get("images_per_s"))),
+    """(label, value) pairs of one architecture's column: training first, then sampling and data."""
+    f, n = r["fast"], r["naive"]
+    if (r["params"], r["train_flops"]) != (r["naive_params"], r["naive_train_flops"]):
+        notes.add("(!) the naive model's parameters or FLOPs differ from this repo's: the ratio is not like for like")
+    same = "" if (r["params"], r["train_flops"]) == (r["naive_params"], r["naive_train_flops"]) else " (!)"
+    return [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
+            ("parameters (same for naive)", f"{r['params'] / 1e6:.3f} M{same}"),
+            ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + same),
+            ("train img/s, this repo", _error(f) or fmt(f.get("images_per_s"))),
+            ("train img/s, naive", _error(n) or fmt(n.get("images_per_s"))),
             ("speed-up over naive", fmt(r.get("speedup"), "x")),
-            ("peak memory, this repo", err(f) or fmt(f.get("peak_bytes", 0) / 1e9, " GB")),
-            ("peak memory, naive", err(n) or fmt(n.get("peak_bytes", 0) / 1e9, " GB")),
+            ("peak memory, this repo", _error(f) or fmt(f.get("peak_bytes", 0) / 1e9, " GB")),
+            ("peak memory, naive", _error(n) or fmt(n.get("peak_bytes", 0) / 1e9, " GB")),
             ("memory this repo / naive", fmt(r.get("memory_ratio"))),
-            ("achieved GFLOP/s (MFU)", f"{fmt(r.get('achieved_flops', 0) / 1e9)} ({fmt(100 * r.get('mfu', 0))}%)")]
-    for key, res in s.items():
-        mark = "" if res["measured"] else "*"
+            ("achieved GFLOP/s (MFU)", f"{fmt(r.get('achieved_flops', 0) / 1e9)} ({fmt(100 * r.get('mfu', 0))}%)"),
+            *sampling_and_data_rows(r, notes)]
+
+
+def sampling_and_data_rows(r, notes):
+    rows = []
+    for key, res in r["sampling"].items():
+        grid = fmt(res["grid_seconds"])
         if not res["measured"]:
-            notes.add("* extrapolated: time per step measured over the steps and batch given, "
-                      "scaled to all steps and 64 images")
-        rows.append((f"sampling {key.upper()}: evals/s", f"{fmt(res['evals_per_s'])} (b{res['batch']})"))
-        rows.append((f"  64-image grid, s", f"{fmt(res['grid_seconds'])}{mark}" + ("" if res["measured"] else f" ({res['timed_steps']} st, b{res['batch']})")))
-    rows.append(("data: first decode+cache, s", f"{fmt(d['build_seconds'])} ({d['images']} img)"))
+            grid += f"* ({res['timed_steps']} steps, b{res['batch']})"
+            notes.add("* extrapolated: seconds per step, measured over the steps and batch in brackets, "
+                      "scaled to every step and 64 images")
+        rows += [(f"{key.upper()}: model evals/s (batch)", f"{fmt(res['evals_per_s'])} (b{res['batch']})"),
+                 (f"{key.upper()}: 64-image grid, s", grid)]
+    d = r["data"]
+    rows.append(("data: first decode + cache, s", f"{fmt(d['build_seconds'])} ({d['images']} images)"))
     for w, rate in d["images_per_s"].items():
         rows.append((f"data img/s, {w} workers (x model)", f"{fmt(rate)} (x{fmt(r.get('data_vs_model', {}).get(w))})"))
     for w, rate in r["loader_train"].items():
-        rows.append((f"train img/s on real data, {w} workers", err(rate) if isinstance(rate, dict) else fmt(rate)))
+        rows.append((f"train img/s on real data, {w} workers", _error(rate) or fmt(rate)))
     return rows
 
 
 def print_table(report):
     m, notes = report["machine"], set()
-    cols = [table_rows(r, notes) for r in report["archs"]]
+    cols = [dict(table_rows(r, notes)) for r in report["archs"]]
+    labels = list(dict.fromkeys(label for col in cols for label in col))  # rows of every column, in order
+    heads = [r["name"] for r in report["archs"]]
+    width = max(map(len, labels), default=0) + 2
+    widths = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in zip(heads, cols)]
     print(f"\nbench.py {report['mode']} on {m['device']} ({m['gpu'] or m['cpu']}), {m['cores']} CPU cores, "
           f"torch {m['torch']} with {m['threads']} threads; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
     print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in m["peak"].items()))
-    labels = [label for label, _ in cols[0]] if cols else []
-    width = max(map(len, labels), default=0) + 2
-    heads = [f"{r['name']}" for r in report["archs"]]
-    widths = [max(len(h), *(len(v) for _, v in col)) + 2 for h, col in zip(heads, cols)]
     print(" " * width + "".join(h.ljust(w) for h, w in zip(heads, widths)))
-    for i, label in enumerate(labels):
-        print(label.ljust(width) + "".join(col[i][1].ljust(w) for col, w in zip(cols, widths)))
+    for label in labels:
+        print(label.ljust(width) + "".join(col.get(label, "-").ljust(w) for col, w in zip(cols, widths)))
     for note in sorted(notes) + report["notes"]:
         print(note)
+
+
+def noise_warnings(report):
+    """Say so when other processes shared the CPU: every figure above is then a lower bound, ratios noisy."""
+    m, out = report["machine"], []
+    busiest = max([m["load_start"], m["load_end"]] + [r[k].get("load", 0) for r in report["archs"] for k in ("fast", "naive")])
+    if m["device"] == "cpu" and busiest > m["cores"] + 1:  # this run alone keeps the load near its thread count
+        out.append(f"WARNING: load average reached {busiest:.1f} on {m['cores']} cores: other processes competed "
+                   "for the CPU, so these timings are noisy; re-run on a quiet machine.")
+    if any(r.get("mfu", 0) > 1 for r in report["archs"]):
+        out.append("WARNING: MFU above 100%: the peak was measured while the machine was busier than during training.")
+    return out
 
 
 def machine_info(device):
@@ -586,6 +613,7 @@ def main(argv=None):
         summarize(r, peak[precision])
     report["notes"].append(f"MFU = achieved / {precision} peak. Steady state: median step after warm-up; "
                            f"full step = forward + loss + backward + clip + Adam. Data: {data[1]}.")
+    report["notes"] += noise_warnings(report)
     print_table(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -57,9 +57,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, T, _ = x.shape
-        # unbind, not qkv[0..2]: its backward stacks the three gradients in one copy, where indexing
-        # zero-fills and adds three full-size buffers
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(2)  # (N, H, T, d) each
+        # unbind(2) then transpose, not permute + qkv[0..2]: backward then stacks the three gradients
+        # (which SDPA returns stored as (N, T, H, d)) straight into the (N, T, 3, H, d) layout in one
+        # copy, where indexing zero-fills and adds three full-size buffers and reshapes once more
+        q, k, v = (a.transpose(1, 2) for a in self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim).unbind(2))  # (N, H, T, d)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d), scale 1/sqrt(d), stored as (N, T, H, d)
         return self.proj(x.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
