@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 usage="%(prog)s [--minutes M ...] [--n N] [--steps S] -- TRAIN_FLAGS")
     p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20], help="cumulative training minutes to measure at")
+    p.add_argument("--at-steps", type=int, nargs="+", default=None,
+                   help="measure at these cumulative steps instead of minutes (immune to a busy machine)")
     p.add_argument("--n", type=int, default=256, help="images sampled per measurement (default: 256)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default: 50)")
     p.add_argument("--json", default="", help="append one JSON line per measurement here")
@@ -60,10 +62,10 @@ def main(argv=None):
     args = parse_args(argv)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = 0.0
-    print("| minutes | step | SWD mean | per level (64/32/16 px) |\n|---|---|---|---|", flush=True)
-    for minutes in args.minutes:
-        cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags,
-               "--max-minutes", str(minutes - done), "--eval-every", "0"]
+    print(f"| {'step' if args.at_steps else 'minutes'} | step | SWD mean | per level (64/32/16 px) |\n|---|---|---|---|", flush=True)
+    for minutes in args.at_steps or args.minutes:
+        budget = ["--max-steps", str(minutes)] if args.at_steps else ["--max-minutes", str(minutes - done)]
+        cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags, *budget, "--eval-every", "0"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         done = minutes
         cfg = config_from_dict(json.load(open(os.path.join(_run_dir(args.train_flags), "config.json"))))
