@@ -86,7 +86,8 @@ class NaiveAttention(nn.Module):
 
     def forward(self, x):
         N, T, _ = x.shape
-        q, k, v = (f(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))  # (N, H, T, d)
+        q, k, v = (f(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))  # (N, H, T, d) each
         attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)  # (N, H, T, T)
         return self.proj((attn @ v).transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
@@ -240,9 +241,9 @@ def train_flops_per_image(model_class, cfg):
 
 
 def timed(step, warmup, steps, budget, device, min_warmup=1):
-    """Seconds of each timed step: up to `warmup` untimed steps (fewer when slow), then at least
-    `steps` timed ones, more while the time budget lasts."""
-    for i in range(warmup):
+    """Seconds of each timed step: `warmup` untimed steps (fewer when slow, never below `min_warmup`:
+    torch.compile needs a few), then at least `steps` timed ones, more while the time budget lasts."""
+    for i in range(max(warmup, min_warmup)):
         start = time.perf_counter()
         step()
         sync(device)
@@ -444,7 +445,8 @@ def bench_arch(names, batch, args, mode, device, data, tmp):
     r = dict(name="/".join(names), image_size=cfg.image_size, tokens=(cfg.image_size // cfg.patch_size) ** 2,
              batch=batch, params=params, naive_params=naive_params, train_flops=flops, naive_train_flops=naive_flops)
     spec = dict(preset=names[0], batch=batch, device=str(device), compile=args.compile, threads=args.threads,
-                warmup=mode["warmup"], steps=mode["steps"], budget=mode["budget"], naive=False, peak_seconds=mode["peak"])
+                warmup=mode["warmup"], steps=mode["steps"], budget=mode["budget"], naive=False,
+                peak_seconds=mode["peak"])
     say(f"{r['name']}: training (this repo), batch {batch}")
     r["fast"] = run_child(spec)
     r["naive"] = bench_naive(cfg, spec, args, device)
@@ -478,7 +480,8 @@ def bench_loader_training(r, spec, workers, folder, tmp, args):
     say(f"{r['name']}: training on real data, DataLoader workers {workers}")
     out = {}
     for w in workers:
-        res = run_child({**spec, "workers": w, "data_dir": folder, "cache_dir": os.path.join(tmp, "cache"), "peak_seconds": 0})
+        cache = os.path.join(tmp, "cache")
+        res = run_child({**spec, "workers": w, "data_dir": folder, "cache_dir": cache, "peak_seconds": 0})
         out[str(w)] = res if "error" in res else r["batch"] / statistics.median(res["step_times"])
     return out
 
@@ -564,7 +567,8 @@ def print_table(report):
     widths = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in zip(heads, cols)]
     print(f"\nbench.py {report['mode']} on {m['device']} ({m['gpu'] or m['cpu']}), {m['cores']} CPU cores, "
           f"torch {m['torch']} with {m['threads']} threads; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
-    print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in m["peak"].items()))
+    print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
+                                                             for k, v in m["peak"].items()))
     print(" " * width + "".join(h.ljust(w) for h, w in zip(heads, widths)))
     for label in labels:
         print(label.ljust(width) + "".join(col.get(label, "-").ljust(w) for col, w in zip(cols, widths)))
@@ -575,7 +579,8 @@ def print_table(report):
 def noise_warnings(report):
     """Say so when other processes shared the CPU: every figure above is then a lower bound, ratios noisy."""
     m, out = report["machine"], []
-    busiest = max([m["load_start"], m["load_end"]] + [r[k].get("load", 0) for r in report["archs"] for k in ("fast", "naive")])
+    loads = [r[k].get("load", 0) for r in report["archs"] for k in ("fast", "naive")]
+    busiest = max([m["load_start"], m["load_end"]] + loads)
     if m["device"] == "cpu" and busiest > m["cores"] + 1:  # this run alone keeps the load near its thread count
         out.append(f"WARNING: load average reached {busiest:.1f} on {m['cores']} cores: other processes competed "
                    "for the CPU, so these timings are noisy; re-run on a quiet machine.")

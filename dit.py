@@ -60,7 +60,8 @@ class Attention(nn.Module):
         # unbind(2) then transpose, not permute + qkv[0..2]: backward then stacks the three gradients
         # (which SDPA returns stored as (N, T, H, d)) straight into the (N, T, 3, H, d) layout in one
         # copy, where indexing zero-fills and adds three full-size buffers and reshapes once more
-        q, k, v = (a.transpose(1, 2) for a in self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim).unbind(2))  # (N, H, T, d)
+        qkv = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
+        q, k, v = (a.transpose(1, 2) for a in qkv.unbind(2))  # (N, H, T, d) each
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d), scale 1/sqrt(d), stored as (N, T, H, d)
         return self.proj(x.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
@@ -79,7 +80,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))  # x + gate * attn
+        # x + gate * f(x) in one pass
+        x = torch.addcmul(x, gate_msa.unsqueeze(1), self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = torch.addcmul(x, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
         return x
 
