@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # warm-up steps, min timed steps and seconds per training config; seconds per sampler, matmul peak,
 # data-loader timing; images in the data folder (0 = all)
 MODES = {"quick": dict(warmup=1, steps=1, budget=2.0, sample_budget=2.0, peak=0.5, data_seconds=0.3, data_limit=64),
-         "full": dict(warmup=2, steps=3, budget=25.0, sample_budget=30.0, peak=2.0, data_seconds=2.0, data_limit=0)}
+         "full": dict(warmup=2, steps=2, budget=25.0, sample_budget=30.0, peak=2.0, data_seconds=2.0, data_limit=0)}
 
 
 def parse_args(argv=None):
