@@ -23,7 +23,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from config import config_from_dict  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, find_images  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
-from dit import DiT  # noqa: E402
+from sample import load_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -44,10 +44,7 @@ def parse_args(argv=None):
 @torch.inference_mode()
 def measure(state, n, steps):
     """SWD of n EMA samples against the run's reference photos."""
-    cfg = config_from_dict(state["config"])
-    model = DiT.from_config(cfg)
-    model.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-    model.eval()
+    cfg, model = load_model(state, use_ema=True, device=torch.device("cpu"))
     diffusion = make_diffusion(cfg)
     noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234))
     y = torch.arange(n) % cfg.num_labels
