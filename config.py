@@ -41,8 +41,9 @@ class Config:
     max_t: int = knob(1000, "diffusion steps T")
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
-    loss: str = knob("l1", "loss on the predicted noise: l1 or mse")
-    min_snr_gamma: float = knob(0.0, "Min-SNR loss weighting min(SNR, gamma)/SNR per sample (0 = off, as described)")
+    prediction: str = knob("eps", "what the model predicts: eps (the noise, as described) or v (Salimans & Ho 2022)")
+    loss: str = knob("l1", "loss on the prediction: l1 or mse")
+    min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale (0 = off, as described)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")
     lr: float = knob(3e-4, "peak learning rate")
@@ -151,6 +152,8 @@ def check_config(cfg):
     problems = []
     if cfg.image_size % cfg.patch_size:
         problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.prediction not in ("eps", "v"):
+        problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
     if cfg.loss not in ("l1", "mse"):
         problems.append(f"loss must be l1 or mse, not '{cfg.loss}'")
     if cfg.optimizer not in ("adam", "adamw"):
@@ -186,4 +189,4 @@ def config_from_dict(d):
 
 # Fields that change the network's shapes or meaning: a checkpoint cannot resume across them.
 ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "emb_dim", "depth", "num_heads", "head_dim",
-               "mlp_ratio", "freq_dim", "num_labels", "label_dropout", "max_t", "beta_start", "beta_end")
+               "mlp_ratio", "freq_dim", "num_labels", "label_dropout", "max_t", "beta_start", "beta_end", "prediction")

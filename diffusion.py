@@ -11,8 +11,11 @@ from tqdm.auto import tqdm
 class Diffusion:
     """Schedule terms, q(x_t | x_0), the noise-prediction loss and the reverse samplers."""
 
-    def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0):
-        self.max_t, self.loss_type, self.min_snr_gamma = max_t, loss, min_snr_gamma
+    def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
+                 prediction="eps"):
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be eps or v, got {prediction}")
+        self.max_t, self.loss_type, self.min_snr_gamma, self.prediction = max_t, loss, min_snr_gamma, prediction
         betas = torch.linspace(beta_start, beta_end, max_t, dtype=torch.float64)
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -52,20 +55,34 @@ class Diffusion:
         """x_0 implied by a noise prediction: (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar)."""
         return self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
+    def velocity(self, x_start, t, noise):
+        """v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022), the v-prediction target."""
+        return self._at(self.sqrt_alphas_cumprod, t, x_start) * noise - \
+            self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+
+    def to_eps(self, out, x_t, t):
+        """The model's output as a noise prediction: itself for eps-prediction, converted from v otherwise."""
+        if self.prediction == "eps":
+            return out
+        return self._at(self.sqrt_alphas_cumprod, t, x_t) * out + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+
     def training_loss(self, model, x_start, y, generator=None):
-        """Noise x_0 at a random t and regress the noise. Returns (loss, predicted eps, true eps)."""
+        """Noise x_0 at a random t and regress the target (the noise, or v).
+        Returns (loss, model output, target)."""
         t = torch.randint(0, self.max_t, (x_start.shape[0],), device=x_start.device, generator=generator)
         noise = torch.randn(x_start.shape, device=x_start.device, generator=generator)
-        eps = model(self.q_sample(x_start, t, noise), t, y)
+        out = model(self.q_sample(x_start, t, noise), t, y)
+        target = noise if self.prediction == "eps" else self.velocity(x_start, t, noise)
         loss_fn = F.l1_loss if self.loss_type == "l1" else F.mse_loss
         if not self.min_snr_gamma:
-            return loss_fn(eps.float(), noise), eps, noise
-        # Min-SNR-gamma (Hang et al. 2023): weight min(SNR, gamma) / SNR per sample, so the easy
-        # low-noise steps stop dominating the gradient of the eps objective.
+            return loss_fn(out.float(), target), out, target
+        # Min-SNR-gamma (Hang et al. 2023): the x_0 loss weighted by min(SNR, gamma), so the easy
+        # low-noise steps stop dominating. In eps units that is min(SNR, gamma) / SNR, in v units
+        # min(SNR, gamma) / (SNR + 1).
         snr = self.alphas_cumprod.to(t.device)[t] / (1 - self.alphas_cumprod.to(t.device)[t])
-        weight = snr.clamp(max=self.min_snr_gamma) / snr
-        per_sample = loss_fn(eps.float(), noise, reduction="none").flatten(1).mean(1)
-        return (weight * per_sample).mean(), eps, noise
+        weight = snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+        per_sample = loss_fn(out.float(), target, reduction="none").flatten(1).mean(1)
+        return (weight * per_sample).mean(), out, target
 
     # ---- reverse process ----
 
@@ -131,7 +148,7 @@ class Diffusion:
         x = noise
         for i, t_now in enumerate(tqdm(ts, desc=f"{sampler}-{steps}", disable=not progress, leave=False)):
             t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
-            eps = self.guided_eps(model, x, t, y, cfg_scale).float()
+            eps = self.to_eps(self.guided_eps(model, x, t, y, cfg_scale).float(), x, t)
             if sampler == "ddpm" and steps == self.max_t:
                 x, x_start = self.ddpm_step(eps, x, t, generator, clip)
             else:
@@ -143,4 +160,4 @@ class Diffusion:
 
 
 def make_diffusion(cfg, device="cpu"):
-    return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device, cfg.min_snr_gamma)
+    return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device, cfg.min_snr_gamma, cfg.prediction)

@@ -176,7 +176,7 @@ def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast:
-        loss, eps, noise = diffusion.training_loss(train_model, x, y)
+        loss, pred, target = diffusion.training_loss(train_model, x, y)  # predicted and true noise (or v)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
@@ -185,7 +185,7 @@ def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
     finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # same on every rank
     if finite:
         optimizer.step()
-    return dict(loss=loss, grad_norm=grad_norm, eps=eps.detach(), noise=noise, finite=finite)
+    return dict(loss=loss, grad_norm=grad_norm, pred=pred.detach(), target=target, finite=finite)
 
 
 class Stopper:
@@ -526,7 +526,7 @@ def periodic(r, p, out, meter, bar):
                                "Train/grad_norm": out["grad_norm"], "Train/images_per_s": rate})
         bar.set_postfix(loss=f"{float(out['loss']):.4f}", img_s=f"{rate:.1f}")
     if cfg.hist_every and step % cfg.hist_every == 0:
-        r.log.histograms(step, **{"Noise/predicted": out["eps"], "Noise/target": out["noise"]})
+        r.log.histograms(step, **{"Noise/predicted": out["pred"], "Noise/target": out["target"]})
     if cfg.sample_every and step % cfg.sample_every == 0 and r.rank == 0:
         r.log.images("Samples", sample_grid(cfg, r.ema or r.model, r.diffusion, r.device, len(r.data.classes)), step)
     if cfg.eval_every and step % cfg.eval_every == 0:

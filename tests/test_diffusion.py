@@ -221,3 +221,47 @@ def test_min_snr_weighting_matches_the_formula():
     close(base, (noise ** 2).mean())
     close(loss, torch.tensor(expected), tol=1e-5)
     assert loss < base  # low-noise samples (SNR > 5) are down-weighted
+
+
+def v_oracle(x0):
+    """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 for x_t built from the known x0 (float64 schedule)."""
+    eps_of = oracle(x0)
+
+    def model(x_t, t, y):
+        a = torch.tensor([ABAR[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        return (a.sqrt() * eps_of(x_t, t, y).double() - (1 - a).sqrt() * x0.double()).float()
+    return model
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddim", 1000), ("ddpm", 1000)])
+def test_v_prediction_with_oracle_recovers_x0(sampler, steps):
+    """A v-prediction model's output is turned into the noise before each step: the exact v lands on x0."""
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps))
+    y = torch.zeros(2, dtype=torch.long)
+    for prediction, exact in (("v", True), ("eps", False)):  # the same oracle read as noise is wrong
+        first = []  # the x0 predicted at the first (noisiest) step
+        out = Diffusion(T, 1e-4, 0.02, prediction=prediction).sample(
+            v_oracle(x0), noise, y, sampler, steps, generator=torch.Generator().manual_seed(2),
+            callback=lambda i, t, x, x_start: first.append(x_start) if i == 0 else None)
+        if exact:
+            torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)
+            torch.testing.assert_close(first[0], x0, atol=1e-3, rtol=0)
+        else:
+            assert (first[0] - x0).abs().max() > 0.5
+
+
+def test_v_prediction_loss_regresses_v():
+    """training_loss with prediction='v' targets sqrt(abar) eps - sqrt(1 - abar) x0 at the drawn t."""
+    x0, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.zeros(4, dtype=torch.long)
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    torch.manual_seed(0)
+    loss, out, target = Diffusion(loss="mse", prediction="v").training_loss(zero, x0, y)
+    torch.manual_seed(0)
+    t = torch.randint(0, T, (4,))
+    noise = torch.randn(x0.shape)
+    a = torch.tensor([ABAR[i] for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+    close(target, a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double())
+    close(loss, (target ** 2).mean())
+    with pytest.raises(ValueError, match="prediction"):
+        Diffusion(prediction="x0")
