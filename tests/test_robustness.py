@@ -448,7 +448,7 @@ def test_architecture_change_is_refused_with_the_fields_and_the_way_out(capsys):
                             "(emb_dim 32 -> 64; depth 2 -> 3); drop those flags to resume it, or use --fresh to start "
                             "over (old files are moved aside) or --run NAME for a new run")
     with pytest.raises(SystemExit, match=r"\(image_size 16 -> 64; emb_dim 32 -> 128; depth 2 -> 4; num_heads 2 -> 4; "
-                                          r"head_dim 16 -> 32\); .*--fresh"):
+                                          r"head_dim 16 -> 32; prediction eps -> v\); .*--fresh"):
         train.main([*argv(steps=6), "--preset", "panda64", "--run", "tiny"])  # a new preset brings its own shapes
     for label in ("a", "b"):
         make_images(os.path.join("labelled", label), 2)
