@@ -523,9 +523,9 @@ def _error(res):
 def table_rows(r, notes):
     """(label, value) pairs of one architecture's column: training first, then sampling and data."""
     f, n = r["fast"], r["naive"]
-    if (r["params"], r["train_flops"]) != (r["naive_params"], r["naive_train_flops"]):
-        notes.add("(!) the naive model's parameters or FLOPs differ from this repo's: the ratio is not like for like")
     same = "" if (r["params"], r["train_flops"]) == (r["naive_params"], r["naive_train_flops"]) else " (!)"
+    if same:
+        notes.add("(!) the naive model's parameters or FLOPs differ from this repo's: the ratio is not like for like")
     return [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
             ("parameters (same for naive)", f"{r['params'] / 1e6:.3f} M{same}"),
             ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + same),

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 
 class Diffusion:
-    """Schedule terms, q(x_t | x_0), the noise-prediction loss and the reverse samplers."""
+    """Schedule terms, q(x_t | x_0), the training loss (noise or v prediction) and the reverse samplers."""
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
                  prediction="eps"):
