@@ -93,7 +93,9 @@ def resolve_config(overrides, fresh, rank):
     state, path = load_latest(run_dir)
     if state is None:
         return cfg, None
-    saved, state["path"] = state["config"], path
+    # Fields newer than the checkpoint read as their defaults: what the code that wrote it did.
+    state["config"] = saved = vars(config_from_dict(state["config"]))
+    state["path"] = path
     if "preset" not in overrides or cfg.preset == saved.get("preset"):  # else: the new preset + flags, checked below
         merged = vars(config_from_dict({**saved, **overrides, "preset": saved["preset"], "run": cfg.run}))
         cfg = build_config(merged, torch.cuda.is_available())  # validates, resolves --num-workers -1
