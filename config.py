@@ -94,7 +94,8 @@ PRESETS = {
     "panda256": dict(image_size=256, patch_size=4, emb_dim=64, depth=3, num_heads=6, head_dim=64,
                      lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
                      sample_every=2000, ckpt_every=1000, milestone_every=10000),
-    # 64 px: same family, wider stream, 256 tokens. v-prediction, batch 32, min-SNR 5: README, "What we tried".
+    # 64 px: same family, wider stream, 256 tokens. v-prediction, batch 32 and min-SNR 5 (measured at
+    # 32 px): README, "What we tried".
     "panda64": dict(image_size=64, patch_size=4, emb_dim=128, depth=4, num_heads=4, head_dim=32,
                     lr=1e-3, warmup_steps=200, batch_size=32, max_steps=20000, loss="mse", prediction="v",
                     min_snr_gamma=5.0, sample_every=250, ckpt_every=250),

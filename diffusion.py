@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
     """float64 betas. linear: beta_start..beta_end (Ho et al. 2020, the description). cosine: Nichol &
     Dhariwal 2021, alpha-bar(t) = cos^2((t / T + s) / (1 + s) * pi / 2) with s = 0.008, betas capped at
-    0.999; it spends fewer steps on near-pure noise, which at 32 px is about the last 30% of the linear one."""
+    0.999; it spends fewer steps on near-pure noise (the last 30% of the linear one has SNR < 0.01)."""
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, max_t, dtype=torch.float64)
     if schedule == "cosine":
