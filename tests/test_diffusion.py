@@ -41,10 +41,10 @@ def diff():
     return Diffusion(T, 1e-4, 0.02)
 
 
-def oracle(x0):
-    """A 'model' returning the exact noise that produced x_t from the known x0 (float64 schedule)."""
+def oracle(x0, abar=ABAR):
+    """A 'model' returning the exact noise that produced x_t from the known x0 (float64 alpha-bar, linear by default)."""
     def model(x_t, t, y):
-        a = torch.tensor([ABAR[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        a = torch.tensor([abar[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
         return ((x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()).float()
     return model
 
@@ -223,12 +223,12 @@ def test_min_snr_weighting_matches_the_formula():
     assert loss < base  # low-noise samples (SNR > 5) are down-weighted
 
 
-def v_oracle(x0):
-    """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 for x_t built from the known x0 (float64 schedule)."""
-    eps_of = oracle(x0)
+def v_oracle(x0, abar=ABAR):
+    """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 for x_t built from the known x0 (float64 alpha-bar)."""
+    eps_of = oracle(x0, abar)
 
     def model(x_t, t, y):
-        a = torch.tensor([ABAR[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        a = torch.tensor([abar[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
         return (a.sqrt() * eps_of(x_t, t, y).double() - (1 - a).sqrt() * x0.double()).float()
     return model
 
@@ -284,13 +284,7 @@ def test_cosine_schedule_matches_nichol_dhariwal():
 def test_cosine_schedule_v_oracle_recovers_x0():
     """The samplers take their terms from the schedule: the exact v under the cosine schedule lands on x0."""
     d = Diffusion(T, prediction="v", schedule="cosine")
-    abar = d.alphas_cumprod_64
     x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-
-    def model(x_t, t, y):
-        a = abar[t].view(-1, 1, 1, 1)
-        eps = (x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()
-        return (a.sqrt() * eps - (1 - a).sqrt() * x0.double()).float()
-    out = d.sample(model, noise, torch.zeros(2, dtype=torch.long), "ddim", 10)
+    out = d.sample(v_oracle(x0, d.alphas_cumprod_64.tolist()), noise, torch.zeros(2, dtype=torch.long), "ddim", 10)
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)
