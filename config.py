@@ -50,7 +50,7 @@ class Config:
     lr: float = knob(3e-4, "peak learning rate")
     weight_decay: float = knob(0.0, "weight decay (decoupled when optimizer=adamw)")
     warmup_steps: int = knob(200, "linear learning-rate warm-up steps")
-    lr_schedule: str = knob("constant", "after warm-up: constant or cosine (decays to 10%% at max_steps)")
+    lr_schedule: str = knob("constant", "after warm-up: constant or cosine (down to 10%% at --max-steps or at the end of --max-minutes, whichever is first)")
     grad_clip: float = knob(1.0, "clip the global gradient norm to this (0 = off)")
     batch_size: int = knob(32, "images per step per process")
     max_steps: int = knob(20000, "total optimisation steps, counted across resumes")

@@ -154,14 +154,17 @@ def build_training(cfg, device, world_size):
     return model, ema, optimizer, train_model
 
 
-def lr_at(cfg, step):
-    """Linear warm-up to cfg.lr, then constant or cosine down to 10%."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-    return cfg.lr
+def lr_at(cfg, step, elapsed=0.0):
+    """Linear warm-up to cfg.lr, then constant, or cosine down to 10% over whichever budget ends
+    first: --max-steps, or the --max-minutes of this invocation (elapsed seconds so far)."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    if cfg.lr_schedule != "cosine":
+        return lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.max_minutes > 0:
+        progress = max(progress, elapsed / (cfg.max_minutes * 60))
+    progress = min(1.0, max(0.0, progress))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -187,7 +190,7 @@ def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
     finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # same on every rank
     if finite:
         optimizer.step()
-    return dict(loss=loss, grad_norm=grad_norm, pred=pred.detach(), target=target, finite=finite)
+    return dict(loss=loss, grad_norm=grad_norm, pred=pred.detach(), target=target, finite=finite, lr=lr)
 
 
 class Stopper:
@@ -303,14 +306,15 @@ def all_mean(x):
     return x
 
 
-def any_rank(flag, device):
-    """True on every rank if it is True on any (a signal or time budget seen by one rank stops all)."""
+def rank_max(values, device):
+    """Element-wise max over ranks, so every rank takes the same decision (a signal or the time
+    budget seen by one rank stops all; every rank schedules the learning rate by the same clock)."""
     if distributed():
-        t = torch.tensor([float(flag)], device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         with peers_alive():
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
+        return t.tolist()
+    return list(values)
 
 
 def reseed_rank(seed, rank, step):
@@ -524,7 +528,7 @@ def periodic(r, p, out, meter, bar):
     cfg, step = r.cfg, p["step"]
     if step % cfg.log_every == 0:
         rate = meter.rate(step, r.batches.global_batch)
-        r.log.scalars(step, **{"Loss/batch": out["loss"], "Train/lr": lr_at(cfg, step - 1),
+        r.log.scalars(step, **{"Loss/batch": out["loss"], "Train/lr": out["lr"],
                                "Train/grad_norm": out["grad_norm"], "Train/images_per_s": rate})
         bar.set_postfix(loss=f"{float(out['loss']):.4f}", img_s=f"{rate:.1f}")
     if cfg.hist_every and step % cfg.hist_every == 0:
@@ -582,17 +586,18 @@ def run_loop(r, p):
 
 
 def train_until_stop(r, p, stopper, bar):
-    cfg, start, meter = r.cfg, time.time(), Meter(p["step"])
+    cfg, start, meter, elapsed = r.cfg, time.time(), Meter(p["step"]), 0.0
     while p["step"] < cfg.max_steps:
         r.batches.set_position(p["epoch"], p["epoch_pos"])
         for x, y in r.loader:
             x = x.to(r.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
-            out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr_at(cfg, p["step"]), cfg, r.autocast)
+            lr = lr_at(cfg, p["step"], elapsed)
+            out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr, cfg, r.autocast)
             account(r, p, out)
             bar.update(1)
             periodic(r, p, out, meter, bar)
-            out_of_time = cfg.max_minutes > 0 and time.time() - start > cfg.max_minutes * 60
-            stop = any_rank(stopper.requested or out_of_time, r.device)
+            requested, elapsed = rank_max([stopper.requested, time.time() - start], r.device)
+            stop = requested or (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60)
             done = p["step"] >= cfg.max_steps
             if p["step"] % cfg.ckpt_every == 0 or stop or done:
                 save(r, p)

@@ -217,3 +217,16 @@ def read_scalars(path):
     acc = EventAccumulator(path)
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_time_budget_stops_every_rank_at_one_step_with_one_learning_rate(tmp_path):
+    """--max-minutes in 2 ranks: both stop after the same step, and a cosine over the clock gives both
+    the same learning rate each step (their weights stay equal although their clocks differ)."""
+    data = make_pandas(tmp_path / "pandas", 8)
+    workdir = str(tmp_path / "run")
+    argv = train_argv(workdir, data, "--batch-size", 2, "--sample-every", 0, "--ckpt-every", 1000, "--no-log-graph",
+                      "--max-steps", 100000, "--max-minutes", 0.05, "--lr-schedule", "cosine")
+    r0, r1 = run_ranks(2, workdir, argv)
+    assert 0 < r0["step"] == r1["step"] < 100000
+    assert r0["model"] == r1["model"] and r0["ema"] == r1["ema"]
+    assert latest(workdir)["step"] == r0["step"]

@@ -128,6 +128,18 @@ def test_every_config_field_is_a_flag(capsys):
     assert (cfg.image_size, cfg.hflip, cfg.lr, cfg.loss, cfg.depth) == (32, False, 0.5, "mse", 2)
 
 
+def test_cosine_lr_decays_over_whichever_budget_ends_first():
+    """Warm-up is linear; cosine reaches 10% at --max-steps, or at the end of --max-minutes if that comes first."""
+    cfg = config.build_config({"preset": "tiny", "lr": 1.0, "warmup_steps": 10, "max_steps": 110, "lr_schedule": "cosine"})
+    assert [train.lr_at(cfg, s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [train.lr_at(cfg, s) for s in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    assert train.lr_at(cfg, 60, elapsed=1e9) == pytest.approx(0.55)  # no time budget: the clock is ignored
+    timed = dataclasses.replace(cfg, max_minutes=2.0)
+    assert [train.lr_at(timed, 20, elapsed=s) for s in (0, 60, 120, 999)] == pytest.approx([train.lr_at(cfg, 20), 0.55, 0.1, 0.1])
+    assert train.lr_at(timed, 5, elapsed=60) == pytest.approx(0.6 * 0.55)  # warm-up and decay multiply
+    assert train.lr_at(dataclasses.replace(timed, lr_schedule="constant"), 60, elapsed=999) == 1.0
+
+
 # ---------------------------------------------------------------------------------------------
 # overfitting: the model, loss and sampler together can learn
 
