@@ -38,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for train.py, after --")
     args = p.parse_args(argv)
     args.train_flags = [a for a in args.train_flags if a != "--"]
+    flags = " ".join(args.train_flags).replace("=", " ")
+    if "--lr-schedule cosine" in flags:
+        p.error("--lr-schedule cosine decays over each increment's budget, so the increments would not add up "
+                "to one run; train one run per point instead (train.py --max-minutes M --lr-schedule cosine)")
     return args
 
 
