@@ -20,10 +20,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from config import config_from_dict  # noqa: E402
+from config import build_config, config_from_dict  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, find_images  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
 from sample import load_model  # noqa: E402
+from train import parse_args as parse_train_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for train.py, after --")
     args = p.parse_args(argv)
     args.train_flags = [a for a in args.train_flags if a != "--"]
-    flags = " ".join(args.train_flags).replace("=", " ")
-    if "--lr-schedule cosine" in flags:
+    overrides, _ = parse_train_args(args.train_flags)
+    if build_config(overrides, torch.cuda.is_available()).lr_schedule == "cosine":
         p.error("--lr-schedule cosine decays over each increment's budget, so the increments would not add up "
                 "to one run; train one run per point instead (train.py --max-minutes M --lr-schedule cosine)")
     return args
