@@ -11,7 +11,7 @@ optimizer state must equal, bit for bit, those of an uninterrupted run of the sa
 only loses steps since the last checkpoint, and resuming redoes them with the same data order
 and the same noise.
 
-`--child TRAIN_ARGS...` (internal, used by tests/test_robustness.py) runs train.main(TRAIN_ARGS)
+`--child TRAIN_ARGS...` (internal; tests/test_robustness.py calls child_logged) runs train.main(TRAIN_ARGS)
 with hooks set by environment variables:
   KILL_TEST_PAUSE=write:K   write half of step_K's checkpoint, then hang (to be killed mid-write)
   KILL_TEST_PAUSE=link:K    hang after step_K.pt is written, before latest.pt points at it
@@ -53,6 +53,19 @@ def _hang(until=lambda: False):
             return
         time.sleep(0.01)
     os._exit(3)
+
+
+def child_logged(log, env, train_args):
+    """child(train_args) with env added and all output appended to the file log: the target of
+    tests/test_robustness.py's multiprocessing children (forked, or spawned on a GPU machine)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(log, "a", buffering=1)
+    os.environ.update(env)
+    import torch
+    torch.set_num_threads(1)
+    child(train_args)
 
 
 def child(train_args):

@@ -8,12 +8,11 @@ resumable and the last line says how); a second Ctrl-C exits 130 at once; a fata
 exits 1 with one line starting 'error:'.
 
 Runs use the tiny preset on 10 images of ~20 px with batch 4: an epoch is 2 steps, so every odd
-step ends mid-epoch. Killed runs are forked from this process (torch is already imported, so a
-child costs no start-up time) and paused at exact points by the hooks of scripts/kill_test.py;
-the Ctrl-C test runs the real `python train.py`.
+step ends mid-epoch. Killed runs are child processes (forked, or spawned afresh on a GPU machine) paused at exact
+points by the hooks of scripts/kill_test.py; the Ctrl-C test runs the real `python train.py`.
 """
 import errno
-import importlib.util
+import multiprocessing
 import os
 import pickle
 import random
@@ -24,7 +23,6 @@ import struct
 import subprocess
 import sys
 import time
-import traceback
 import warnings
 import zlib
 
@@ -42,9 +40,8 @@ import train  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_files  # noqa: E402
 from dataset import DataError, ImageCache, draw_panda  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("kill_test", os.path.join(ROOT, "scripts", "kill_test.py"))
-kill_test = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kill_test)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import kill_test  # noqa: E402
 
 STEPS = 12
 RUN_DIR = os.path.join("ck", "tiny")
@@ -126,54 +123,46 @@ def straight(tmp_path_factory):
             signal.signal(s, h)
 
 
-def fork_train(log, pause, *extra):
-    """train.main in a forked child with a kill_test pause hook; returns the child's pid."""
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1  # the child: whatever happens, it must never return into pytest
-    try:
-        sys.stdout = sys.stderr = open(log, "w", buffering=1)
-        fd = os.open(log, os.O_WRONLY | os.O_APPEND)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.environ.update(KILL_TEST_PAUSE=pause, KILL_TEST_MARK=os.path.abspath(log + ".paused"))
-        torch.set_num_threads(1)
-        kill_test.child(argv(*extra))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-        print(e.code)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        os._exit(code)
+# Killed runs are train.main under kill_test's hooks in a child process: forked where that is safe (torch
+# is already imported, so a child starts at once), started afresh where there is a GPU, since a fork of a
+# process that has run autograd on such a machine cannot run backward.
+FORK_IS_SAFE = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+CHILDREN = multiprocessing.get_context("fork" if FORK_IS_SAFE else "spawn")
 
 
-def wait_for(condition, pid, log, what):
-    """Poll until condition() holds; fail (and show the child's log) if the child exits first."""
+def start_train(log, pause, *extra):
+    """A training child paused by kill_test at `pause`, its output in log."""
+    open(log, "w").close()
+    env = dict(KILL_TEST_PAUSE=pause, KILL_TEST_MARK=os.path.abspath(log + ".paused"))
+    proc = CHILDREN.Process(target=kill_test.child_logged, args=(log, env, argv(*extra)))
+    proc.start()
+    return proc
+
+
+def wait_for(condition, proc, log, what):
+    """Poll until condition() holds; fail (and show the child's log) if the child (a multiprocessing
+    Process or a subprocess.Popen) exits first."""
     deadline = time.time() + WAIT
     while not condition():
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done = proc.poll() is not None if isinstance(proc, subprocess.Popen) else not proc.is_alive()
         if done or time.time() > deadline:
-            os.kill(pid, signal.SIGKILL) if not done else None
+            proc.kill() if not done else None
             pytest.fail(f"child never reached {what}; its log:\n{open(log).read()[-3000:]}")
         time.sleep(0.01)
 
 
-def exit_status(pid):
+def exit_status(proc):
     """('signal', n) or ('exit', code) of a finished child."""
-    _, status = os.waitpid(pid, 0)
-    return ("signal", os.WTERMSIG(status)) if os.WIFSIGNALED(status) else ("exit", os.WEXITSTATUS(status))
+    proc.join(WAIT)
+    return ("signal", -proc.exitcode) if proc.exitcode < 0 else ("exit", proc.exitcode)
 
 
 def kill_at(pause, log, *extra):
-    """Fork a run, SIGKILL it at the pause point, return its log text."""
-    pid = fork_train(log, pause, *extra)
-    wait_for(lambda: os.path.exists(log + ".paused"), pid, log, pause)
-    os.kill(pid, signal.SIGKILL)
-    assert exit_status(pid) == ("signal", signal.SIGKILL)
+    """Start a run, SIGKILL it at the pause point, return its log text."""
+    proc = start_train(log, pause, *extra)
+    wait_for(lambda: os.path.exists(log + ".paused"), proc, log, pause)
+    proc.kill()
+    assert exit_status(proc) == ("signal", signal.SIGKILL)
     return open(log).read()
 
 
@@ -243,10 +232,10 @@ def test_sigkill_at_several_points_resumes_from_a_readable_checkpoint(straight, 
 
 def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(straight, capsys):
     """SIGTERM at step 5 (mid-epoch): that step is saved, exit 0, and the resumed run equals the straight one."""
-    pid = fork_train("t.log", "step:5")
-    wait_for(lambda: os.path.exists("t.log.paused"), pid, "t.log", "step 5")
-    os.kill(pid, signal.SIGTERM)
-    assert exit_status(pid) == ("exit", 0)
+    proc = start_train("t.log", "step:5")
+    wait_for(lambda: os.path.exists("t.log.paused"), proc, "t.log", "step 5")
+    proc.terminate()
+    assert exit_status(proc) == ("exit", 0)
     text = open("t.log").read()
     assert "SIGTERM: saving a checkpoint and stopping" in text and "stopped at step 5 (run the same command to continue)" in text
     assert latest()["step"] == 5
@@ -261,7 +250,7 @@ def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(capsys):
     with open("c.log", "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv(steps=100000, workers=2)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        wait_for(lambda: step_files(RUN_DIR), proc.pid, "c.log", "the first checkpoint")
+        wait_for(lambda: step_files(RUN_DIR), proc, "c.log", "the first checkpoint")
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the loader workers get it too
         rc = proc.wait(timeout=WAIT)
     text = open("c.log").read()
@@ -283,12 +272,12 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(monkeypatch
 
 def test_second_ctrl_c_during_a_save_exits_130_and_loses_nothing(straight, capsys):
     """Ctrl-C twice while step 6 is being written: exit 130 at once; step 3 intact; the next run resumes exactly."""
-    pid = fork_train("c.log", "write:6")
-    wait_for(lambda: os.path.exists("c.log.paused"), pid, "c.log", "the write of step 6")
-    os.kill(pid, signal.SIGINT)
-    wait_for(lambda: "SIGINT: saving" in open("c.log").read(), pid, "c.log", "the first SIGINT")
-    os.kill(pid, signal.SIGINT)
-    assert exit_status(pid) == ("exit", 130)
+    proc = start_train("c.log", "write:6")
+    wait_for(lambda: os.path.exists("c.log.paused"), proc, "c.log", "the write of step 6")
+    os.kill(proc.pid, signal.SIGINT)
+    wait_for(lambda: "SIGINT: saving" in open("c.log").read(), proc, "c.log", "the first SIGINT")
+    os.kill(proc.pid, signal.SIGINT)
+    assert exit_status(proc) == ("exit", 130)
     assert [s for s, _ in step_files(RUN_DIR)] == [3] and len(temp_files()) == 1
     run()
     assert resumed_at(capsys.readouterr().out) == ("step_0000003.pt", 3)
