@@ -40,7 +40,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.train_flags = [a for a in args.train_flags if a != "--"]
     overrides, _ = parse_train_args(args.train_flags)
-    if build_config(overrides, torch.cuda.is_available()).lr_schedule == "cosine":
+    if "run" not in overrides:
+        p.error("pass --run NAME among the train.py flags, so the curve has its own run")
+    cfg = build_config(overrides, torch.cuda.is_available())
+    args.run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+    if cfg.lr_schedule == "cosine":
         p.error("--lr-schedule cosine decays over each increment's budget, so the increments would not add up "
                 "to one run; train one run per point instead (train.py --max-minutes M --lr-schedule cosine)")
     return args
@@ -48,12 +52,14 @@ def parse_args(argv=None):
 
 @torch.inference_mode()
 def measure(state, n, steps):
-    """SWD of n EMA samples against the run's reference photos."""
-    cfg, model = load_model(state, use_ema=True, device=torch.device("cpu"))
-    diffusion = make_diffusion(cfg)
+    """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
+    run's reference photos."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model = load_model(state, use_ema=True, device=device)
+    diffusion = make_diffusion(cfg, device)
     noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234))
-    y = torch.arange(n) % cfg.num_labels
-    fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps) for i in range(0, n, 64)])
+    noise, y = noise.to(device), (torch.arange(n) % cfg.num_labels).to(device)
+    fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps).cpu() for i in range(0, n, 64)])
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
     paths = metrics.reference_paths(data_dir, cfg.holdout, train_files, n)
@@ -70,7 +76,7 @@ def main(argv=None):
         cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags, *budget, "--eval-every", "0"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         done = minutes
-        cfg = config_from_dict(json.load(open(os.path.join(_run_dir(args.train_flags), "config.json"))))
+        cfg = config_from_dict(json.load(open(os.path.join(args.run_dir, "config.json"))))
         state = load_checkpoint(os.path.join(cfg.ckpt_dir, cfg.run, "latest.pt"))
         t0 = time.time()
         result, fake = measure(state, args.n, args.steps)
@@ -79,14 +85,6 @@ def main(argv=None):
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"run": cfg.run, "minutes": minutes, "step": state["step"], **result}) + "\n")
-
-
-def _run_dir(flags):
-    """checkpoints/<run> from the train flags (the run name is required here)."""
-    value = lambda name, default: flags[flags.index(name) + 1] if name in flags else default  # noqa: E731
-    if "--run" not in flags:
-        raise SystemExit("error: pass --run NAME among the train.py flags, so the curve has its own run")
-    return os.path.join(value("--ckpt-dir", "checkpoints"), value("--run", ""))
 
 
 if __name__ == "__main__":

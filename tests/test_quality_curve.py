@@ -1,0 +1,36 @@
+"""scripts/quality_curve.py: increments of one run, an SWD per point, and its refusals."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT, make_pandas
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import quality_curve  # noqa: E402
+
+
+def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
+    """--at-steps 2 4: the second point resumes the first run; each writes a JSON line with its SWD."""
+    data = make_pandas(tmp_path / "pandas", 6)
+    out = tmp_path / "curve.jsonl"
+    quality_curve.main(["--at-steps", "2", "4", "--n", "4", "--steps", "2", "--json", str(out), "--",
+                        "--preset", "tiny", "--device", "cpu", "--data-dir", data, "--run", "c",
+                        "--ckpt-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "tb"),
+                        "--cache-dir", str(tmp_path / "cache"), "--sample-every", "0", "--no-log-graph"])
+    points = [json.loads(line) for line in open(out)]
+    assert [(p["run"], p["step"]) for p in points] == [("c", 2), ("c", 4)]
+    assert all(p["mean"] > 0 and len(p["levels"]) == 3 for p in points)
+    assert os.listdir(tmp_path / "ck") == ["c"]  # one run, resumed, not two
+    assert "| 4 | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "tiny"], "pass --run NAME"),
+    (["--preset", "tiny", "--run", "c", "--lr-schedule=cosine"], "--lr-schedule cosine decays over each increment"),
+])
+def test_refuses_flags_that_would_not_make_one_curve(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        quality_curve.parse_args(["--at-steps", "2", "--", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
