@@ -8,8 +8,9 @@ resumable and the last line says how); a second Ctrl-C exits 130 at once; a fata
 exits 1 with one line starting 'error:'.
 
 Runs use the tiny preset on 10 images of ~20 px with batch 4: an epoch is 2 steps, so every odd
-step ends mid-epoch. Killed runs are child processes (forked, or spawned afresh on a GPU machine) paused at exact
-points by the hooks of scripts/kill_test.py; the Ctrl-C test runs the real `python train.py`.
+step ends mid-epoch. Killed runs are child processes (forked, or spawned afresh on a GPU
+machine) paused at exact points by the hooks of scripts/kill_test.py; the Ctrl-C test runs the
+real `python train.py`.
 """
 import errno
 import multiprocessing
@@ -154,6 +155,7 @@ def wait_for(condition, proc, log, what):
 def exit_status(proc):
     """('signal', n) or ('exit', code) of a finished child."""
     proc.join(WAIT)
+    assert proc.exitcode is not None, f"child still running after {WAIT} s"
     return ("signal", -proc.exitcode) if proc.exitcode < 0 else ("exit", proc.exitcode)
 
 
