@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from config import build_config, config_from_dict  # noqa: E402
+from config import build_config  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, find_images  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
-from sample import load_model  # noqa: E402
+from sample import load_model, pick_device  # noqa: E402
 from train import parse_args as parse_train_args  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     if "run" not in overrides:
         p.error("pass --run NAME among the train.py flags, so the curve has its own run")
     cfg = build_config(overrides, torch.cuda.is_available())
-    args.run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+    args.run, args.run_dir = cfg.run, os.path.join(cfg.ckpt_dir, cfg.run)
     if cfg.lr_schedule == "cosine":
         p.error("--lr-schedule cosine decays over each increment's budget, so the increments would not add up "
                 "to one run; train one run per point instead (train.py --max-minutes M --lr-schedule cosine)")
@@ -54,7 +54,7 @@ def parse_args(argv=None):
 def measure(state, n, steps):
     """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
     run's reference photos."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
     noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234))
@@ -76,15 +76,14 @@ def main(argv=None):
         cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags, *budget, "--eval-every", "0"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         done = minutes
-        cfg = config_from_dict(json.load(open(os.path.join(args.run_dir, "config.json"))))
-        state = load_checkpoint(os.path.join(cfg.ckpt_dir, cfg.run, "latest.pt"))
+        state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()
         result, fake = measure(state, args.n, args.steps)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
         print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  (eval {time.time() - t0:.0f}s)", flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({"run": cfg.run, "minutes": minutes, "step": state["step"], **result}) + "\n")
+                f.write(json.dumps({"run": args.run, "minutes": minutes, "step": state["step"], **result}) + "\n")
 
 
 if __name__ == "__main__":

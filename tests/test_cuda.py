@@ -1,8 +1,7 @@
 """The CUDA path (bf16 autocast, TF32, fused Adam, torch.compile): train, resume, sample on the CPU, bench.
 
-Skipped where there is no GPU (CI). Each check runs in a child process, as a user would run it, so
-this pytest process never creates a CUDA context: test_robustness forks it, and a fork cannot use
-its parent's CUDA context."""
+Skipped where there is no GPU (CI). Each check runs in a child process, as a user would run it,
+so this pytest process never holds a CUDA context."""
 import json
 import os
 import subprocess
