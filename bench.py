@@ -277,7 +277,7 @@ def child_setup(spec):
     overrides = dict(preset=spec["preset"], batch_size=spec["batch"], device=spec["device"],
                      compile=spec["compile"], ema_decay=0.0)  # the step measured is train.train_step: no EMA
     cfg = build_config(overrides, torch.cuda.is_available())
-    return train, cfg, train.select_device(cfg.device, 0)
+    return train, cfg, train.select_device(cfg.device, 0, cfg.amp)
 
 
 def child_train(spec):
@@ -604,7 +604,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = MODES["quick" if args.quick else "full"]
-    device = train.select_device(args.device, 0)
+    device = train.select_device(args.device, 0, True)  # as train.py's default --amp
     report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
     peak, precision = peaks(device, mode["peak"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

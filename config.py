@@ -152,8 +152,12 @@ def build_config(overrides, cuda_available=False):
 
 def check_config(cfg):
     problems = []
-    if cfg.image_size % cfg.patch_size:
+    if min(cfg.patch_size, cfg.log_every, cfg.ckpt_every, cfg.sample_n, cfg.num_generated, cfg.max_bad_steps) < 1:
+        problems.append("patch_size, log_every, ckpt_every, sample_n, num_generated and max_bad_steps must be >= 1")
+    elif cfg.image_size % cfg.patch_size:
         problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if min(cfg.warmup_steps, cfg.hist_every, cfg.sample_every, cfg.max_minutes, cfg.milestone_every, cfg.keep_last) < 0:
+        problems.append("warmup_steps, hist_every, sample_every, max_minutes, milestone_every and keep_last must be >= 0")
     if cfg.prediction not in ("eps", "v"):
         problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
     if cfg.noise_schedule not in ("linear", "cosine"):

@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import stat
 import warnings
 
@@ -44,6 +45,10 @@ def find_images(root):
     if not classes:
         files = [(p, 0) for p in _image_files(root, recursive=False)]
         return files, [os.path.basename(os.path.normpath(root)) or "images"]
+    loose = _image_files(root, recursive=False)
+    if loose:  # training on the sub-folders alone would drop these without a word
+        raise DataError(f"data folder '{root}' holds both {len(loose)} images and label sub-folders ({', '.join(classes)}); "
+                        "move the loose images into a sub-folder of their own, or pass --data-dir with one of the sub-folders")
     files = [(p, i) for i, c in enumerate(classes) for p in _image_files(os.path.join(root, c))]
     return files, classes
 
@@ -351,12 +356,21 @@ def draw_panda(rng, size=256):
 
 
 def generate_pandas(folder, n, size=256, seed=0):
-    """Write n procedural pandas as PNGs into `folder`."""
-    os.makedirs(folder, exist_ok=True)
-    jobs = [(os.path.join(folder, f"panda_{i:05d}.png"), size, seed * 1_000_003 + i) for i in range(n)]
+    """Write n procedural pandas as PNGs into `folder` (an empty or missing one).
+
+    They are drawn into `<folder>.part` and renamed at the end, so an interrupted run leaves no
+    half-filled folder that the next run would take for the whole dataset.
+    """
+    part = folder.rstrip(os.sep) + ".part"
+    shutil.rmtree(part, ignore_errors=True)  # what an interrupted run left
+    os.makedirs(part)
+    jobs = [(os.path.join(part, f"panda_{i:05d}.png"), size, seed * 1_000_003 + i) for i in range(n)]
     with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
         for _ in tqdm(pool.imap_unordered(_write_panda, jobs, chunksize=8), total=n, desc=f"drawing {n} pandas into {folder}", leave=False):
             pass
+    if os.path.isdir(folder) and not os.path.islink(folder):
+        os.rmdir(folder)  # empty, or the caller would not draw into it
+    os.replace(part, folder)
 
 
 def _write_panda(job):

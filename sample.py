@@ -15,7 +15,7 @@ import time
 import torch
 from torchvision.utils import make_grid, save_image
 
-from checkpoint import CheckpointError, load_checkpoint, step_files
+from checkpoint import CheckpointError, load_checkpoint, load_latest, step_files
 from config import config_from_dict
 from diffusion import make_diffusion
 from dit import DiT
@@ -54,15 +54,14 @@ def pick_device(name):
     return device
 
 
-def newest_checkpoint(ckpt_dir):
-    """latest.pt (or newest step file) of the most recently written run in ckpt_dir."""
+def newest_run(ckpt_dir):
+    """The run folder in ckpt_dir whose newest checkpoint was written last."""
     runs = []
     for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
         folder = os.path.join(ckpt_dir, name)
-        files = [os.path.join(folder, "latest.pt")] if os.path.exists(os.path.join(folder, "latest.pt")) else []
-        files += [path for _, path in step_files(folder)][:1]
+        files = [path for _, path in step_files(folder)] + [p for p in [os.path.join(folder, "latest.pt")] if os.path.exists(p)]
         if files:
-            runs.append((os.path.getmtime(files[0]), files[0]))
+            runs.append((max(os.path.getmtime(path) for path in files), folder))
     if not runs:
         raise CheckpointError(f"no checkpoints found in '{ckpt_dir}'; train first (python train.py) or pass --ckpt")
     return max(runs)[1]
@@ -119,13 +118,25 @@ def trajectory_strip(frames):
     return make_grid((torch.cat([torch.stack(x_t), torch.stack(x0)]).clamp(-1, 1) + 1) / 2, nrow=len(frames))
 
 
+def prepare_out(out):
+    """Create the output folder, or stop before minutes of sampling if it cannot be written."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to '{out}' ({e.strerror}); pass another --out") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     path = args.ckpt
     try:
-        path = path or newest_checkpoint(args.ckpt_dir)
-        state = load_checkpoint(path, map_location="cpu")
+        if path:
+            state = load_checkpoint(path, map_location="cpu")
+        else:  # the run's newest readable checkpoint, as train.py would resume from
+            state, path = load_latest(newest_run(args.ckpt_dir))
         cfg, model = load_model(state, args.ema, device)
     except (CheckpointError, RuntimeError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {e}" if isinstance(e, CheckpointError) else
@@ -136,7 +147,7 @@ def main(argv=None):
     labels = torch.full((args.n,), label) if label is not None else torch.arange(args.n) % cfg.num_labels
     diffusion = make_diffusion(cfg, device)
     out = args.out or os.path.join("samples", cfg.run, str(state["step"]))
-    os.makedirs(out, exist_ok=True)
+    prepare_out(out)
     frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
     record = (lambda i, t, x, x0: frames.append((x[0].float().cpu(), x0[0].float().cpu())) if i in keep else None) if args.trajectory else None
     t0 = time.time()

@@ -33,11 +33,12 @@ from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, gener
 from diffusion import make_diffusion
 from dit import DiT
 import metrics
+from sample import pick_device
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a Diffusion Transformer on a folder of panda pictures.",
-                                     epilog=f"presets: {', '.join(PRESETS)} (see README.md)")
+                                     epilog=f"Defaults shown are Config's; the preset ({', '.join(PRESETS)}) overrides many of them (see README.md).")
     add_config_flags(parser)
     parser.add_argument("--fresh", action="store_true",
                         help="start over: existing checkpoints and logs of this run are moved aside, not deleted")
@@ -69,18 +70,22 @@ def setup_distributed(device="auto"):
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def select_device(name, local_rank):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda was asked for but CUDA is not available; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-        torch.cuda.set_device(name)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, no visible loss here
-        torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name)
+def select_device(name, local_rank, amp):
+    device = pick_device(name)  # a clear error for an unknown or unavailable device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = amp  # TF32 matmuls: ~free speed, no visible loss; --no-amp = true fp32
+        torch.backends.cudnn.allow_tf32 = amp
+    return device
+
+
+# Choices of one invocation, not of the run: a resume takes them from its own flags or the preset,
+# never from the checkpoint (a 10-minute budget, 10 GPU-box workers or cuda:3 must not follow the run).
+RUNTIME_FIELDS = ("max_minutes", "device", "num_workers", "compile")
 
 
 def resolve_config(overrides, fresh, rank):
@@ -97,8 +102,8 @@ def resolve_config(overrides, fresh, rank):
     state["config"] = saved = vars(config_from_dict(state["config"]))
     state["path"] = path
     if "preset" not in overrides or cfg.preset == saved.get("preset"):  # else: the new preset + flags, checked below
-        merged = vars(config_from_dict({**saved, **overrides, "preset": saved["preset"], "run": cfg.run}))
-        cfg = build_config(merged, torch.cuda.is_available())  # validates, resolves --num-workers -1
+        kept = {k: v for k, v in saved.items() if k not in RUNTIME_FIELDS}
+        cfg = build_config({**kept, **overrides, "preset": saved["preset"], "run": cfg.run}, torch.cuda.is_available())
     check_architecture(saved, cfg, [k for k in ARCH_FIELDS if k != "num_labels"], path)  # labels: once the data is read
     changed = {k: (saved.get(k), v) for k, v in vars(cfg).items() if saved.get(k) != v}
     say(f"resuming '{cfg.run}' from {path} at step {state['step']}"
@@ -121,6 +126,7 @@ def load_data(cfg, rank):
         say(f"no images in {data_dir}: drawing {cfg.num_generated} procedural pandas there "
             "(pass --data-dir to train on your own photos)")
         generate_pandas(data_dir, cfg.num_generated, size=max(256, cfg.image_size), seed=cfg.seed)
+    barrier()  # the other ranks list the folder only once it is complete
     held = metrics.holdout_split(metrics.folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
     if rank == 0:  # rank 0 builds the cache, the others then read it
         ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
@@ -226,7 +232,7 @@ class Logger:
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(cfg.log_dir, cfg.run), purge_step=step + 1 if step else None)  # drop events a crash left after the checkpoint
+            self.writer = SummaryWriter(os.path.join(cfg.log_dir, cfg.run), purge_step=step + 1)  # drop events a crash left after the checkpoint
 
     def scalars(self, step, **values):
         for tag, value in values.items():
@@ -418,29 +424,29 @@ def main(argv=None):
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
     try:
         cfg, state = resolve_config(overrides, fresh, rank)
-        device = select_device(cfg.device, local_rank)
+        device = select_device(cfg.device, local_rank, cfg.amp)
         run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
         if rank == 0:  # before minutes of decoding images, not after
             check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run))
         data = load_data(cfg, rank)
+        cfg.num_labels = len(data.classes)
+        random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
+        if state is not None:
+            check_architecture(state["config"], cfg, path=state["path"])
+        if rank == 0:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(vars(cfg), f, indent=2)
+        r, progress = setup_run(cfg, data, state, device, rank, world_size)
+        if progress["step"] == 0:
+            log_start(r)
     except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
         say("interrupted before training started; nothing to save")
         raise SystemExit(130)
-    cfg.num_labels = len(data.classes)
-    random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
-    if state is not None:
-        check_architecture(state["config"], cfg, path=state["path"])
-    if rank == 0:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(vars(cfg), f, indent=2)
-    r, progress = setup_run(cfg, data, state, device, rank, world_size)
-    if progress["step"] == 0:
-        log_start(r)
     run_loop(r, progress)
     r.log.close()
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.destroy_process_group()
 
 

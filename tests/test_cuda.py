@@ -86,3 +86,12 @@ def test_bench_quick_on_cuda(tmp_path):
     assert report["machine"]["mfu_precision"] == "bf16" and report["machine"]["peak"]["bf16"] > 0
     assert report["archs"][0]["fast"]["images_per_s"] > 0
     assert "matmul peak" in out
+
+
+def test_no_amp_means_true_fp32():
+    """--amp turns TF32 matmuls on with bf16 autocast; --no-amp leaves both off (a real fp32 run)."""
+    code = ("import torch, train\n"
+            "for amp in (True, False):\n"
+            "    train.select_device('cuda', 0, amp)\n"
+            "    print(torch.backends.cuda.matmul.allow_tf32)")
+    assert python("-c", code, cwd=ROOT).split() == ["True", "False"]

@@ -71,6 +71,26 @@ def test_no_arguments_uses_newest_run(runs, monkeypatch):
     assert os.path.exists(runs / "samples/guided/4/grid.png")
 
 
+def test_no_arguments_falls_back_past_an_unreadable_checkpoint(runs, tmp_path, monkeypatch, capsys):
+    """A truncated newest checkpoint is named in a warning and the run's previous one is sampled, as train.py would."""
+    run_train(tmp_path, runs.parent / "pandas", "--run", "two", "--max-steps", 4, "--ckpt-every", 2,
+              "--sample-every", 0, "--no-log-graph")
+    monkeypatch.chdir(tmp_path)
+    with open("checkpoints/two/step_0000004.pt", "r+b") as f:
+        f.truncate(1000)  # latest.pt is a hard link to it: both are broken
+    with pytest.warns(UserWarning, match=r"step_0000004\.pt' is truncated"):
+        run_sample("--n", 1, "--steps", 2, "--out", "out")
+    assert "step 2)" in capsys.readouterr().out
+
+
+def test_unwritable_output_folder_is_a_clear_error(plain, tmp_path):
+    """An --out that cannot be created stops before sampling, naming it and the fix."""
+    open(tmp_path / "blocker", "w").close()
+    out = tmp_path / "blocker" / "out"
+    assert error_of("--ckpt", plain, "--n", 1, "--steps", 2, "--out", out) == (
+        f"error: cannot write to '{out}' (Not a directory); pass another --out")
+
+
 def test_same_seed_same_images_other_seed_other_images(plain, tmp_path):
     """--seed fixes the images exactly; another seed gives other images; the batch size does not matter."""
     for name, seed, batch in (("a", 3, 64), ("b", 3, 2), ("c", 4, 64)):

@@ -196,3 +196,22 @@ def test_tiny_model_overfits_four_images():
     between = ((images[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))
     assert which.tolist() == [0, 1, 2, 3]
     assert dist.max() < 0.6 * between[between > 0].min()
+
+
+@pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
+                                          ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5)])
+def test_out_of_range_settings_are_one_clear_error(field, value):
+    """A zero interval or a negative warm-up stops at the start with the field named, not a crash mid-run."""
+    with pytest.raises(SystemExit) as e:
+        config.build_config({"preset": "tiny", field: value})
+    assert str(e.value).startswith("error: ") and field in str(e.value)
+
+
+def test_bad_device_is_a_clear_error(monkeypatch):
+    """An unknown or unavailable --device ends in one sentence, not a torch traceback."""
+    with pytest.raises(SystemExit, match="unknown --device 'gpu'"):
+        train.select_device("gpu", 0, True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        train.select_device("cuda:1", 0, True)
+    assert train.select_device("auto", 0, True) == torch.device("cpu")
