@@ -265,9 +265,11 @@ def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(capsys):
     assert resumed_at(capsys.readouterr().out) == (f"step_{step:07d}.pt", step)
 
 
-def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(monkeypatch, capsys):
-    """Ctrl-C while images are being decoded (no Stopper yet) is a one-line exit 130, not a KeyboardInterrupt trace."""
-    monkeypatch.setattr(train, "load_data", lambda cfg, rank: (_ for _ in ()).throw(KeyboardInterrupt))
+@pytest.mark.parametrize("during", ["load_data", "log_start"])
+def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(during, monkeypatch, capsys):
+    """Ctrl-C while images are decoded or the model is built and logged (no Stopper yet) is a one-line exit 130,
+    not a KeyboardInterrupt trace."""
+    monkeypatch.setattr(train, during, lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(SystemExit) as e:
         run()
     assert e.value.code == 130 and "interrupted before training started; nothing to save" in capsys.readouterr().out
