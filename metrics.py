@@ -231,7 +231,7 @@ def calibrate(folder, size, n, holdout, seed=0, norm="set"):
     ref, real = load_images(held, size), load_images(train[:n], size)
     noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     rows = [("real vs reference", real), ("real blurred sigma 1", gaussian_blur(real, 1.0)),
-            ("real at 32 px and back", down_up(real, 32)),
+            ("real at 48 px and back", down_up(real, 48)), ("real at 32 px and back", down_up(real, 32)),
             ("real at 16 px and back", down_up(real, 16)), ("uniform noise", noise),
             ("reference itself blurred sigma 1", gaussian_blur(ref, 1.0)),
             ("reference itself at 16 px and back", down_up(ref, 16))]
