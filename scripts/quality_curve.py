@@ -6,7 +6,8 @@
 Everything after `--` goes to train.py. Training runs in increments of `--max-minutes` (each
 resumes exactly where the last stopped, so the run equals one uninterrupted run); after each,
 `--n` images are sampled from the EMA weights (DDIM, fixed noise) and compared with the held-out
-photos by SWD at 64 px (metrics.py). Prints a table and appends JSON lines to --json.
+photos by SWD at 64 px (metrics.py); the first 64 are saved as <run folder>/swd_step_<step>.png.
+Prints a table and appends JSON lines to --json.
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import sys
 import time
 
 import torch
+from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
@@ -79,8 +81,10 @@ def main(argv=None):
         state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()
         result, fake = measure(state, args.n, args.steps)
+        grid = os.path.join(args.run_dir, f"swd_step_{state['step']:07d}.png")  # kept: pruning removes old step_*.pt
+        save_image((fake[:64] + 1) / 2, grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
-        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  (eval {time.time() - t0:.0f}s)", flush=True)
+        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  (eval {time.time() - t0:.0f}s, {grid})", flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"run": args.run, "minutes": minutes, "step": state["step"], **result}) + "\n")

@@ -23,6 +23,7 @@ def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
     assert [(p["run"], p["step"]) for p in points] == [("c", 2), ("c", 4)]
     assert all(p["mean"] > 0 and len(p["levels"]) == 3 for p in points)
     assert os.listdir(tmp_path / "ck") == ["c"]  # one run, resumed, not two
+    assert {"swd_step_0000002.png", "swd_step_0000004.png"} <= set(os.listdir(tmp_path / "ck" / "c"))  # the samples scored
     assert "| 4 | 4 |" in capsys.readouterr().out
 
 
