@@ -177,3 +177,17 @@ def _same(a, b):
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def check_writable(*folders, fix):
+    """Create each folder and write a 4 KB probe into it, so a read-only or full disk stops a command
+    before its work, not at its first save; `fix` ends the one-line error."""
+    for folder in folders:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, f".write_test{os.getpid()}")
+            with open(probe, "wb") as f:
+                f.write(b"0" * 4096)
+            os.remove(probe)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to '{folder}' ({e.strerror}); {fix}") from None

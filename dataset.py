@@ -42,10 +42,9 @@ def find_images(root):
     except OSError as e:
         raise DataError(f"cannot read data folder '{root}' ({e.strerror}); fix its permissions or pass another --data-dir") from None
     classes = [d for d in subdirs if _image_files(os.path.join(root, d))]
-    if not classes:
-        files = [(p, 0) for p in _image_files(root, recursive=False)]
-        return files, [os.path.basename(os.path.normpath(root)) or "images"]
     loose = _image_files(root, recursive=False)
+    if not classes:
+        return [(p, 0) for p in loose], [os.path.basename(os.path.normpath(root)) or "images"]
     if loose:  # training on the sub-folders alone would drop these without a word
         raise DataError(f"data folder '{root}' holds both {len(loose)} images and label sub-folders ({', '.join(classes)}); "
                         "move the loose images into a sub-folder of their own, or pass --data-dir with one of the sub-folders")

@@ -15,7 +15,7 @@ import time
 import torch
 from torchvision.utils import make_grid, save_image
 
-from checkpoint import CheckpointError, load_checkpoint, load_latest, step_files
+from checkpoint import CheckpointError, check_writable, load_checkpoint, load_latest, step_files
 from config import config_from_dict
 from diffusion import make_diffusion
 from dit import DiT
@@ -59,7 +59,8 @@ def newest_run(ckpt_dir):
     runs = []
     for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
         folder = os.path.join(ckpt_dir, name)
-        files = [path for _, path in step_files(folder)] + [p for p in [os.path.join(folder, "latest.pt")] if os.path.exists(p)]
+        latest = os.path.join(folder, "latest.pt")
+        files = [path for _, path in step_files(folder)] + ([latest] if os.path.exists(latest) else [])
         if files:
             runs.append((max(os.path.getmtime(path) for path in files), folder))
     if not runs:
@@ -118,16 +119,6 @@ def trajectory_strip(frames):
     return make_grid((torch.cat([torch.stack(x_t), torch.stack(x0)]).clamp(-1, 1) + 1) / 2, nrow=len(frames))
 
 
-def prepare_out(out):
-    """Create the output folder, or stop before minutes of sampling if it cannot be written."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to '{out}' ({e.strerror}); pass another --out") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -147,7 +138,7 @@ def main(argv=None):
     labels = torch.full((args.n,), label) if label is not None else torch.arange(args.n) % cfg.num_labels
     diffusion = make_diffusion(cfg, device)
     out = args.out or os.path.join("samples", cfg.run, str(state["step"]))
-    prepare_out(out)
+    check_writable(out, fix="pass another --out")  # before minutes of sampling, not after
     frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
     record = (lambda i, t, x, x0: frames.append((x[0].float().cpu(), x0[0].float().cpu())) if i in keep else None) if args.trajectory else None
     t0 = time.time()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, atomic_save, load_latest, save_checkpoint
+from checkpoint import CheckpointError, atomic_save, check_writable, load_latest, save_checkpoint
 from config import ARCH_FIELDS, PRESETS, Config, add_config_flags, build_config, config_from_dict
 from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, generate_pandas, make_loader
 from diffusion import make_diffusion
@@ -402,19 +402,6 @@ def save(r, p):
                          "free space or choose another --ckpt-dir (the previous checkpoint is intact)")
 
 
-def check_writable(*folders):
-    for folder in folders:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            probe = os.path.join(folder, f".write_test{os.getpid()}")
-            with open(probe, "wb") as f:
-                f.write(b"0" * 4096)
-            os.remove(probe)
-        except OSError as e:
-            raise SystemExit(f"error: cannot write to '{folder}' ({e.strerror}); "
-                             "fix its permissions/free space or pass another --ckpt-dir/--log-dir")
-
-
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -427,7 +414,8 @@ def main(argv=None):
         device = select_device(cfg.device, local_rank, cfg.amp)
         run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
         if rank == 0:  # before minutes of decoding images, not after
-            check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run))
+            check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run),
+                           fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
         data = load_data(cfg, rank)
         cfg.num_labels = len(data.classes)
         random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
