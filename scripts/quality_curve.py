@@ -46,9 +46,9 @@ def parse_args(argv=None):
         p.error("pass --run NAME among the train.py flags, so the curve has its own run")
     cfg = build_config(overrides, torch.cuda.is_available())
     args.run, args.run_dir = cfg.run, os.path.join(cfg.ckpt_dir, cfg.run)
-    if cfg.lr_schedule == "cosine":
+    if cfg.lr_schedule == "cosine" and len(args.at_steps or args.minutes) > 1:
         p.error("--lr-schedule cosine decays over each increment's budget, so the increments would not add up "
-                "to one run; train one run per point instead (train.py --max-minutes M --lr-schedule cosine)")
+                "to one run; measure one point per run instead (--at-steps N or --minutes M)")
     return args
 
 

@@ -27,11 +27,17 @@ def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
     assert "| 4 | 4 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--preset", "tiny"], "pass --run NAME"),
-    (["--preset", "tiny", "--run", "c", "--lr-schedule=cosine"], "--lr-schedule cosine decays over each increment"),
+@pytest.mark.parametrize("points, flags, message", [
+    (["2"], ["--preset", "tiny"], "pass --run NAME"),
+    (["2", "4"], ["--preset", "tiny", "--run", "c", "--lr-schedule=cosine"], "--lr-schedule cosine decays over each increment"),
 ])
-def test_refuses_flags_that_would_not_make_one_curve(flags, message, capsys):
+def test_refuses_flags_that_would_not_make_one_curve(points, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
-        quality_curve.parse_args(["--at-steps", "2", "--", *flags])
+        quality_curve.parse_args(["--at-steps", *points, "--", *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_one_point_of_a_cosine_run_is_allowed():
+    # one point is one run whose schedule ends where it is measured
+    args = quality_curve.parse_args(["--at-steps", "1400", "--", "--preset", "tiny", "--run", "c", "--lr-schedule", "cosine"])
+    assert args.at_steps == [1400] and args.run == "c"
