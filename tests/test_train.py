@@ -91,6 +91,18 @@ def test_resume_continues_steps(resumed_run):
     assert merged == list(range(5, SECOND + 1, 5))
 
 
+def test_tensorboard_drops_what_a_crash_logged_after_the_checkpoint(tmp_path):
+    """A run that crashed at step 30 after its last checkpoint at 0 (none yet) restarts at 0: the plot shows
+    the new steps 1..10 once, not the crashed run's 1..30 folded under them."""
+    cfg = config.build_config({"preset": "tiny", "log_dir": str(tmp_path), "run": "r"})
+    for last in (30, 10):  # the crashed run, then the restart from step 0
+        log = train.Logger(cfg, 0, enabled=True)
+        for step in range(1, last + 1):
+            log.scalars(step, x=step)
+        log.close()
+    assert [e.step for e in events(str(tmp_path / "r")).Scalars("x")] == list(range(1, 11))
+
+
 def test_missing_data_dir_is_a_clear_error(tmp_path):
     """An explicit --data-dir that does not exist exits non-zero with a message naming the folder."""
     missing = tmp_path / "no_such_pandas"
