@@ -84,6 +84,8 @@ class Config:
 
 
 # Presets: overrides of the defaults above. Explained in README.md.
+_CPU = dict(emb_dim=128, depth=4, num_heads=4, head_dim=32, lr=1e-3, warmup_steps=200, batch_size=32,
+            max_steps=20000, loss="l1", prediction="v", sample_every=250, ckpt_every=250)
 PRESETS = {
     # Exactly the original description: 256 px, patch 4, 3 blocks, 6 heads x 64 on a 64-wide
     # stream, Adam at lr 1e-6, L1 loss, batch 6, gradient clipping; plain init, no EMA.
@@ -94,21 +96,17 @@ PRESETS = {
     "panda256": dict(image_size=256, patch_size=4, emb_dim=64, depth=3, num_heads=6, head_dim=64,
                      lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
                      sample_every=2000, ckpt_every=1000, milestone_every=10000),
-    # 64 px: same family, wider stream, 256 tokens. v-prediction, batch 32 and L1: README, "What we tried".
-    "panda64": dict(image_size=64, patch_size=4, emb_dim=128, depth=4, num_heads=4, head_dim=32,
-                    lr=1e-3, warmup_steps=200, batch_size=32, max_steps=20000, loss="l1", prediction="v",
-                    sample_every=250, ckpt_every=250),
-    # 32 px, patch 2: the same 256 tokens as panda64 on 2x2-pixel patches. At equal CPU time it scores
-    # a much better SWD (measured at 64 px) than panda64, and L1 on v beats MSE on v by ~15 over three
-    # seeds (README, "What we tried"); but a 32 px image cannot score better than ~35.
-    "panda32": dict(image_size=32, patch_size=2, emb_dim=128, depth=4, num_heads=4, head_dim=32,
-                    lr=1e-3, warmup_steps=200, batch_size=32, max_steps=20000, loss="l1", prediction="v",
-                    sample_every=250, ckpt_every=250),
+    # The CPU presets share one model (4 blocks, 4 heads x 32 on a 128-wide stream) and recipe
+    # (v-prediction, L1, batch 32, lr 1e-3): README, "What we tried". They differ in pixels per token.
+    # 64 px, patch 4: 256 tokens.
+    "panda64": dict(_CPU, image_size=64, patch_size=4),
+    # 32 px, patch 2: the same 256 tokens on 2x2-pixel patches. At equal CPU time it scores a much
+    # better SWD (measured at 64 px) than panda64, and L1 on v beats MSE on v by ~15 over three seeds
+    # (README, "What we tried"); but a 32 px image cannot score better than ~35.
+    "panda32": dict(_CPU, image_size=32, patch_size=2),
     # 48 px, patch 3: panda32's model and cost (the same 256 tokens) with 1.5x the pixels. The CPU
     # default: with L1 it keeps learning where panda32 stalls at its 32 px floor (README, "What an hour buys").
-    "panda48": dict(image_size=48, patch_size=3, emb_dim=128, depth=4, num_heads=4, head_dim=32,
-                    lr=1e-3, warmup_steps=200, batch_size=32, max_steps=20000, loss="l1", prediction="v",
-                    sample_every=250, ckpt_every=250),
+    "panda48": dict(_CPU, image_size=48, patch_size=3),
     # For tests: a few seconds on a CPU.
     "tiny": dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16,
                  lr=1e-3, warmup_steps=0, batch_size=8, max_steps=50, sample_n=4,
