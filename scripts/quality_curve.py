@@ -7,7 +7,8 @@ Everything after `--` goes to train.py. Training runs in increments of `--max-mi
 resumes exactly where the last stopped, so the run equals one uninterrupted run); after each,
 `--n` images are sampled from the EMA weights (DDIM, fixed noise) and compared with the held-out
 photos by SWD at 64 px (metrics.py); the first 64 are saved as <run folder>/swd_step_<step>.png.
-Prints a table and appends JSON lines to --json.
+With --noise-sets K, K sets of `--n` images, each from other starting noise, are scored and averaged
+(the first set is the one a single measurement uses). Prints a table and appends JSON lines to --json.
 """
 import argparse
 import json
@@ -37,11 +38,16 @@ def parse_args(argv=None):
                    help="measure at these cumulative steps instead of minutes (immune to a busy machine)")
     p.add_argument("--n", type=int, default=256, help="images sampled per measurement (default: 256)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default: 50)")
+    p.add_argument("--noise-sets", type=int, default=1,
+                   help="score this many sets of --n samples, each from other starting noise, and report their mean: "
+                        "one set of 256 moves by ~1.5 with the noise alone (default: 1)")
     p.add_argument("--json", default="", help="append one JSON line per measurement here")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for train.py, after --")
     args = p.parse_args(argv)
     args.train_flags = [a for a in args.train_flags if a != "--"]
     overrides, _ = parse_train_args(args.train_flags)
+    if args.noise_sets < 1:
+        p.error("--noise-sets must be at least 1")
     if "run" not in overrides:
         p.error("pass --run NAME among the train.py flags, so the curve has its own run")
     cfg = build_config(overrides, torch.cuda.is_available())
@@ -53,13 +59,13 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def measure(state, n, steps):
+def measure(state, n, steps, noise_seed=1234):
     """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
     run's reference photos."""
     device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
-    noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234))
+    noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(noise_seed))
     noise, y = noise.to(device), (torch.arange(n) % cfg.num_labels).to(device)
     fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps).cpu() for i in range(0, n, 64)])
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
@@ -80,11 +86,18 @@ def main(argv=None):
         done = minutes
         state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()
-        result, fake = measure(state, args.n, args.steps)
+        sets = [measure(state, args.n, args.steps, 1234 + k) for k in range(args.noise_sets)]
+        fake = sets[0][1]
+        result = {**sets[0][0], "mean": sum(r["mean"] for r, _ in sets) / len(sets),
+                  "levels": [sum(level) / len(sets) for level in zip(*(r["levels"] for r, _ in sets))]}
+        if len(sets) > 1:
+            result["sets"] = [r["mean"] for r, _ in sets]
         grid = os.path.join(args.run_dir, f"swd_step_{state['step']:07d}.png")  # kept: pruning removes old step_*.pt
         save_image((fake[:64] + 1) / 2, grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
-        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  (eval {time.time() - t0:.0f}s, {grid})", flush=True)
+        spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if len(sets) > 1 else ""
+        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({spread}eval {time.time() - t0:.0f}s, {grid})",
+              flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps({"run": args.run, "minutes": minutes, "step": state["step"], **result}) + "\n")

@@ -27,9 +27,27 @@ def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
     assert "| 4 | 4 |" in capsys.readouterr().out
 
 
+def test_noise_sets_average_sets_of_other_noise_and_keep_the_single_measurement_first(tmp_path, capsys):
+    """--noise-sets 2 scores two sets of samples from different noise and reports their mean; the first set
+    is what a plain measurement of the same checkpoint gives, so old single-set figures stay comparable."""
+    data = make_pandas(tmp_path / "pandas", 6)
+    out = tmp_path / "curve.jsonl"
+    quality_curve.main(["--at-steps", "2", "--n", "4", "--steps", "2", "--noise-sets", "2", "--json", str(out), "--",
+                        "--preset", "tiny", "--device", "cpu", "--data-dir", data, "--run", "c",
+                        "--ckpt-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "tb"),
+                        "--cache-dir", str(tmp_path / "cache"), "--sample-every", "0", "--no-log-graph"])
+    point = json.loads(open(out).read())
+    first, second = point["sets"]
+    assert first != second and point["mean"] == pytest.approx((first + second) / 2)
+    state = quality_curve.load_checkpoint(str(tmp_path / "ck" / "c" / "latest.pt"))
+    assert quality_curve.measure(state, 4, 2)[0]["mean"] == pytest.approx(first)
+    assert f"sets {first:.1f} / {second:.1f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("points, flags, message", [
     (["2"], ["--preset", "tiny"], "pass --run NAME"),
     (["2", "4"], ["--preset", "tiny", "--run", "c", "--lr-schedule=cosine"], "--lr-schedule cosine decays over each increment"),
+    (["2", "--noise-sets", "0"], ["--preset", "tiny", "--run", "c"], "--noise-sets must be at least 1"),
 ])
 def test_refuses_flags_that_would_not_make_one_curve(points, flags, message, capsys):
     with pytest.raises(SystemExit) as e:
