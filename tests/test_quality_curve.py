@@ -11,15 +11,20 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import quality_curve  # noqa: E402
 
 
-def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
-    """--at-steps 2 4: the second point resumes the first run; each writes a JSON line with its SWD."""
+def curve(tmp_path, *flags):
+    """Run quality_curve on 6 tiny pandas (4 samples of 2 DDIM steps per point); its JSON lines."""
     data = make_pandas(tmp_path / "pandas", 6)
     out = tmp_path / "curve.jsonl"
-    quality_curve.main(["--at-steps", "2", "4", "--n", "4", "--steps", "2", "--json", str(out), "--",
+    quality_curve.main([*flags, "--n", "4", "--steps", "2", "--json", str(out), "--",
                         "--preset", "tiny", "--device", "cpu", "--data-dir", data, "--run", "c",
                         "--ckpt-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "tb"),
                         "--cache-dir", str(tmp_path / "cache"), "--sample-every", "0", "--no-log-graph"])
-    points = [json.loads(line) for line in open(out)]
+    return [json.loads(line) for line in open(out)]
+
+
+def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
+    """--at-steps 2 4: the second point resumes the first run; each writes a JSON line with its SWD."""
+    points = curve(tmp_path, "--at-steps", "2", "4")
     assert [(p["run"], p["step"]) for p in points] == [("c", 2), ("c", 4)]
     assert all(p["mean"] > 0 and len(p["levels"]) == 3 for p in points)
     assert os.listdir(tmp_path / "ck") == ["c"]  # one run, resumed, not two
@@ -30,13 +35,7 @@ def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
 def test_noise_sets_average_sets_of_other_noise_and_keep_the_single_measurement_first(tmp_path, capsys):
     """--noise-sets 2 scores two sets of samples from different noise and reports their mean; the first set
     is what a plain measurement of the same checkpoint gives, so old single-set figures stay comparable."""
-    data = make_pandas(tmp_path / "pandas", 6)
-    out = tmp_path / "curve.jsonl"
-    quality_curve.main(["--at-steps", "2", "--n", "4", "--steps", "2", "--noise-sets", "2", "--json", str(out), "--",
-                        "--preset", "tiny", "--device", "cpu", "--data-dir", data, "--run", "c",
-                        "--ckpt-dir", str(tmp_path / "ck"), "--log-dir", str(tmp_path / "tb"),
-                        "--cache-dir", str(tmp_path / "cache"), "--sample-every", "0", "--no-log-graph"])
-    point = json.loads(open(out).read())
+    point, = curve(tmp_path, "--at-steps", "2", "--noise-sets", "2")
     first, second = point["sets"]
     assert first != second and point["mean"] == pytest.approx((first + second) / 2)
     state = quality_curve.load_checkpoint(str(tmp_path / "ck" / "c" / "latest.pt"))
