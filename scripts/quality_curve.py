@@ -59,19 +59,29 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def measure(state, n, steps, noise_seed=1234):
+def measure(state, n, steps, noise_sets=1):
     """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
-    run's reference photos."""
+    run's reference photos; with noise_sets > 1, the mean over that many sets of n, each from other
+    starting noise (seeds 1234, 1235, ...), with each set's mean under "sets". Returns it and the first set."""
     device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
-    noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(noise_seed))
-    noise, y = noise.to(device), (torch.arange(n) % cfg.num_labels).to(device)
-    fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps).cpu() for i in range(0, n, 64)])
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
-    paths = metrics.reference_paths(data_dir, cfg.holdout, train_files, n)
-    return metrics.swd(metrics.reference_images(tuple(paths), metrics.EVAL_SIZE), metrics.to_uint8(fake)), fake
+    real = metrics.reference_images(tuple(metrics.reference_paths(data_dir, cfg.holdout, train_files, n)), metrics.EVAL_SIZE)
+    y = (torch.arange(n) % cfg.num_labels).to(device)
+    results, first = [], None
+    for seed in range(1234, 1234 + noise_sets):
+        noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed))
+        noise = noise.to(device)
+        fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps).cpu() for i in range(0, n, 64)])
+        results.append(metrics.swd(real, metrics.to_uint8(fake)))
+        first = fake if first is None else first
+    result = {**results[0], "mean": sum(r["mean"] for r in results) / noise_sets,
+              "levels": [sum(level) / noise_sets for level in zip(*(r["levels"] for r in results))]}
+    if noise_sets > 1:
+        result["sets"] = [r["mean"] for r in results]
+    return result, first
 
 
 def main(argv=None):
@@ -86,16 +96,11 @@ def main(argv=None):
         done = minutes
         state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()
-        sets = [measure(state, args.n, args.steps, 1234 + k) for k in range(args.noise_sets)]
-        fake = sets[0][1]
-        result = {**sets[0][0], "mean": sum(r["mean"] for r, _ in sets) / len(sets),
-                  "levels": [sum(level) / len(sets) for level in zip(*(r["levels"] for r, _ in sets))]}
-        if len(sets) > 1:
-            result["sets"] = [r["mean"] for r, _ in sets]
+        result, fake = measure(state, args.n, args.steps, args.noise_sets)
         grid = os.path.join(args.run_dir, f"swd_step_{state['step']:07d}.png")  # kept: pruning removes old step_*.pt
         save_image((fake[:64] + 1) / 2, grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
-        spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if len(sets) > 1 else ""
+        spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if "sets" in result else ""
         print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({spread}eval {time.time() - t0:.0f}s, {grid})",
               flush=True)
         if args.json:
