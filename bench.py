@@ -275,7 +275,7 @@ def child_setup(spec):
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     overrides = dict(preset=spec["preset"], batch_size=spec["batch"], device=spec["device"],
-                     compile=spec["compile"], ema_decay=0.0)  # the step measured is train.train_step: no EMA
+                     compile=spec["compile"], ema_decay=0.0, ema_gamma=0.0)  # the step measured is train.train_step: no EMA
     cfg = build_config(overrides, torch.cuda.is_available())
     return train, cfg, train.select_device(cfg.device, 0, cfg.amp)
 

@@ -55,8 +55,10 @@ class Config:
     batch_size: int = knob(32, "images per step per process")
     max_steps: int = knob(20000, "total optimisation steps, counted across resumes")
     max_minutes: float = knob(0.0, "wall-clock budget of this invocation; then save and exit (0 = none)")
-    ema_decay: float = knob(0.999, "EMA decay of the sampling weights (0 = EMA off)")
+    ema_decay: float = knob(0.999, "EMA decay of the sampling weights (0 = EMA off, unless --ema-gamma)")
     ema_warmup: bool = knob(True, "ramp the EMA decay as min(decay, (1+step)/(10+step))")
+    ema_gamma: float = knob(0.0, "power-function EMA (Karras et al. 2024): decay (1 - 1/step)^(gamma+1), an average of the "
+                                 "whole run weighted by step^gamma, replacing --ema-decay/--ema-warmup (0 = off)")
     max_bad_steps: int = knob(20, "consecutive non-finite losses/gradients before training stops")
     # --- data ---
     hflip: bool = knob(True, "random horizontal flips")
@@ -159,8 +161,8 @@ def check_config(cfg):
         problems.append("patch_size, log_every, ckpt_every, sample_n, num_generated and max_bad_steps must be >= 1")
     elif cfg.image_size % cfg.patch_size:
         problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-    if min(cfg.warmup_steps, cfg.hist_every, cfg.sample_every, cfg.max_minutes, cfg.milestone_every, cfg.keep_last) < 0:
-        problems.append("warmup_steps, hist_every, sample_every, max_minutes, milestone_every and keep_last must be >= 0")
+    if min(cfg.warmup_steps, cfg.hist_every, cfg.sample_every, cfg.max_minutes, cfg.milestone_every, cfg.keep_last, cfg.ema_gamma) < 0:
+        problems.append("warmup_steps, hist_every, sample_every, max_minutes, milestone_every, keep_last and ema_gamma must be >= 0")
     if cfg.prediction not in ("eps", "v"):
         problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
     if cfg.noise_schedule not in ("linear", "cosine"):

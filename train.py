@@ -148,7 +148,7 @@ def build_training(cfg, device, world_size):
     """Model, EMA copy, optimizer and the module to call for training (compiled / DDP)."""
     torch.manual_seed(cfg.seed)
     model = DiT.from_config(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 or cfg.ema_gamma > 0 else None
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
@@ -171,6 +171,15 @@ def lr_at(cfg, step, elapsed=0.0):
         progress = max(progress, elapsed / (cfg.max_minutes * 60))
     progress = min(1.0, max(0.0, progress))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def ema_decay_at(cfg, step):
+    """The EMA decay for the update after optimizer step `step` (0-based)."""
+    if cfg.ema_gamma > 0:  # weights ~ t^gamma over the whole run; t counts from 1
+        return (1 - 1 / (step + 1)) ** (cfg.ema_gamma + 1)
+    if cfg.ema_warmup:
+        return min(cfg.ema_decay, (1 + step) / (10 + step))
+    return cfg.ema_decay
 
 
 @torch.no_grad()
@@ -488,8 +497,7 @@ def account(r, p, out):
     """After a step: EMA, epoch loss sums, the count of non-finite steps (in a row, and in all)."""
     if out["finite"]:
         if r.ema is not None:
-            decay = min(r.cfg.ema_decay, (1 + p["step"]) / (10 + p["step"])) if r.cfg.ema_warmup else r.cfg.ema_decay
-            ema_update(r.ema, r.model, decay)
+            ema_update(r.ema, r.model, ema_decay_at(r.cfg, p["step"]))
         p.update(bad_steps=0, epoch_loss_sum=p["epoch_loss_sum"] + float(out["loss"]), epoch_batches=p["epoch_batches"] + 1)
     else:  # train_step skipped the update
         p["bad_steps"] += 1

@@ -153,6 +153,20 @@ def test_cosine_lr_decays_over_whichever_budget_ends_first():
     assert train.lr_at(dataclasses.replace(timed, lr_schedule="constant"), 60, elapsed=999) == 1.0
 
 
+def test_ema_decay_warms_up_or_follows_the_power_function():
+    """Default: min(0.999, (1+step)/(10+step)). With --ema-gamma the EMA is the whole run's weights averaged
+    with weight ~ step^gamma, so its mean age grows with the run: after T steps it sits at ~(gamma+1)/(gamma+2) T."""
+    cfg = config.build_config({"preset": "panda48"})
+    assert [train.ema_decay_at(dataclasses.replace(cfg, ema_gamma=0.0), s) for s in (0, 90, 10**5)] == pytest.approx([0.1, 0.91, 0.999])
+    for gamma, steps in ((3.0, 1000), (3.0, 4000), (1.0, 1000)):
+        power = dataclasses.replace(cfg, ema_gamma=gamma)
+        avg = 0.0
+        for step in range(steps):  # the EMA of a weight that equals the step count
+            decay = train.ema_decay_at(power, step)
+            avg = decay * avg + (1 - decay) * (step + 1)
+        assert avg == pytest.approx((gamma + 1) / (gamma + 2) * steps, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # overfitting: the model, loss and sampler together can learn
 
@@ -212,7 +226,8 @@ def test_tiny_model_overfits_four_images():
 
 
 @pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
-                                          ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5)])
+                                          ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5),
+                                          ("ema_gamma", -1.0)])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval or a negative warm-up stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
