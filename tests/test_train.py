@@ -165,6 +165,8 @@ def test_ema_decay_warms_up_or_follows_the_power_function():
             decay = train.ema_decay_at(power, step)
             avg = decay * avg + (1 - decay) * (step + 1)
         assert avg == pytest.approx((gamma + 1) / (gamma + 2) * steps, rel=1e-3)
+    no_decay = config.build_config({"preset": "tiny", "ema_decay": 0.0, "ema_gamma": 3.0})
+    assert train.build_training(no_decay, torch.device("cpu"), 1)[1] is not None  # --ema-gamma alone turns the EMA on
 
 
 # ---------------------------------------------------------------------------------------------
