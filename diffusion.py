@@ -173,6 +173,20 @@ class Diffusion:
                 callback(i, t_now, x, x_start)
         return x.clamp(-1, 1)
 
+    def sample_batches(self, model, noise, y, batch_size, device, sampler="ddim", steps=50, seed=None,
+                       callback=None, **kwargs):
+        """`sample` over CPU noise (N, C, H, W) and labels (N,), batch_size images at a time on `device`;
+        returns the N images on the CPU as float32. With a seed, each batch's stochastic steps (eta > 0)
+        draw from their own generator, seeded by (seed, the batch's first index); callback sees the
+        first batch only. Other keyword arguments go to `sample`."""
+        out = []
+        for lo in range(0, noise.shape[0], batch_size):
+            generator = None if seed is None else torch.Generator(device).manual_seed(seed * 7919 + lo)
+            out.append(self.sample(model, noise[lo:lo + batch_size].to(device), y[lo:lo + batch_size].to(device),
+                                   sampler, steps, generator=generator, callback=callback if lo == 0 else None,
+                                   **kwargs).float().cpu())
+        return torch.cat(out)
+
 
 def make_diffusion(cfg, device="cpu"):
     return Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device, cfg.min_snr_gamma, cfg.prediction,

@@ -193,6 +193,13 @@ def reference_paths(data_dir, holdout, train_files, n):
     return [files[i * len(files) // min(n, len(files))] for i in range(min(n, len(files)))]
 
 
+def score_samples(fake, data_dir, holdout, train_files, seed=0):
+    """SWD at EVAL_SIZE of samples in [-1, 1] against a run's reference files (`reference_paths`);
+    returns the result and how many reference images it used."""
+    paths = reference_paths(data_dir, holdout, train_files, len(fake))
+    return swd(reference_images(tuple(paths), EVAL_SIZE), to_uint8(fake), seed=seed), len(paths)
+
+
 def to_uint8(images, size=EVAL_SIZE):
     """Samples in [-1, 1] (N, C, h, w) -> [0, 255] values at size x size, rounded like a saved PNG.
 

@@ -103,14 +103,8 @@ def generate(model, diffusion, cfg, args, steps, labels, device, callback=None):
     """args.n images in [-1, 1], in batches; noise for image i depends only on (seed, i)."""
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
-    out = []
-    for lo in range(0, args.n, args.batch_size):
-        x = noise[lo:lo + args.batch_size].to(device)
-        y = labels[lo:lo + args.batch_size].to(device)
-        step_gen = torch.Generator(device).manual_seed(args.seed * 7919 + lo)
-        out.append(diffusion.sample(model, x, y, args.sampler, steps, args.eta, args.cfg, step_gen, args.clip,
-                                    progress=True, callback=callback if lo == 0 else None).cpu())
-    return torch.cat(out)
+    return diffusion.sample_batches(model, noise, labels, args.batch_size, device, args.sampler, steps, args.seed,
+                                    callback, eta=args.eta, cfg_scale=args.cfg, clip=args.clip, progress=True)
 
 
 def trajectory_strip(frames):

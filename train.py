@@ -552,18 +552,16 @@ def evaluate(r, p):
     y = torch.arange(cfg.eval_n) % len(r.data.classes)
     was_training = model.training
     model.eval()
-    fake = torch.cat([r.diffusion.sample(model, noise[i:i + chunk].to(r.device), y[i:i + chunk].to(r.device), "ddim",
-                                         min(cfg.eval_steps, cfg.max_t)).float().cpu()
-                      for i in range(0, cfg.eval_n, chunk)])  # DDIM eta=0 from fixed noise: depends only on the weights
+    # DDIM eta=0 from fixed noise: depends only on the weights
+    fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, "ddim", min(cfg.eval_steps, cfg.max_t))
     model.train(was_training)
-    paths = metrics.reference_paths(cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, cfg.eval_n)
-    result = metrics.swd(metrics.reference_images(tuple(paths), metrics.EVAL_SIZE), metrics.to_uint8(fake), seed=cfg.seed)
+    result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, seed=cfg.seed)
     levels = dict(zip(result["resolutions"], result["levels"]))
     r.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
     r.log.images("Quality/samples", make_grid((fake[:cfg.sample_n] + 1) / 2, nrow=int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))), step)
     best = p.get("best_swd") or math.inf  # absent (or 0 from an older checkpoint): no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
-        + f") vs {len(paths)} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
+        + f") vs {n_ref} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
         p["best_swd"] = result["mean"]
         try:

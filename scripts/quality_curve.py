@@ -68,14 +68,12 @@ def measure(state, n, steps, noise_sets=1):
     diffusion = make_diffusion(cfg, device)
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
-    real = metrics.reference_images(tuple(metrics.reference_paths(data_dir, cfg.holdout, train_files, n)), metrics.EVAL_SIZE)
-    y = (torch.arange(n) % cfg.num_labels).to(device)
+    y = torch.arange(n) % cfg.num_labels
     results = []
     for k in range(noise_sets):
         noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234 + k))
-        noise = noise.to(device)
-        fake = torch.cat([diffusion.sample(model, noise[i:i + 64], y[i:i + 64], "ddim", steps).cpu() for i in range(0, n, 64)])
-        results.append(metrics.swd(real, metrics.to_uint8(fake)))
+        fake = diffusion.sample_batches(model, noise, y, 64, device, "ddim", steps)
+        results.append(metrics.score_samples(fake, data_dir, cfg.holdout, train_files)[0])
         if k == 0:
             first = fake  # the grid shows the set a single measurement uses
     result = {**results[0], "mean": sum(r["mean"] for r in results) / noise_sets,

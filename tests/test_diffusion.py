@@ -169,6 +169,21 @@ def test_ddim_eta1_all_steps_is_ddpm():
     assert (other - ddpm).abs().max() > 1e-2  # and the seed matters, so the match is not vacuous
 
 
+def test_sample_batches_matches_one_batch_and_calls_back_on_the_first():
+    """Deterministic DDIM in batches of 2 gives the one-batch images, on the CPU as float32; the callback
+    sees every step of the first batch only; with eta > 0 the seed picks the images."""
+    diffusion, model = Diffusion(100), small_dit()
+    noise, y = torch.randn(5, 3, 8, 8), torch.zeros(5, dtype=torch.long)
+    whole = diffusion.sample(model, noise, y, "ddim", 10)
+    seen = []
+    batched = diffusion.sample_batches(model, noise, y, 2, "cpu", "ddim", 10, callback=lambda i, t, x, x0: seen.append(x.shape[0]))
+    torch.testing.assert_close(batched, whole, atol=1e-5, rtol=0)
+    assert batched.dtype == torch.float32 and seen == [2] * 10
+    a, b, c = (diffusion.sample_batches(model, noise, y, 2, "cpu", "ddim", 10, seed=s, eta=1.0) for s in (3, 3, 4))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-2
+
+
 def test_classifier_free_guidance_scales():
     """Guidance scale 1 is the conditional prediction, 0 the unconditional, s the extrapolation between."""
     model = small_dit(num_labels=3, label_dropout=0.2)
