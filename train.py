@@ -441,8 +441,10 @@ def main(argv=None):
     except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
         say("interrupted before training started; nothing to save")
         raise SystemExit(130)
-    run_loop(r, progress)
-    r.log.close()
+    try:
+        run_loop(r, progress)
+    finally:  # also when a run stops on an error: flush TensorBoard and end its writer thread
+        r.log.close()
     if distributed():
         dist.destroy_process_group()
 

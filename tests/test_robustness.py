@@ -23,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import zlib
@@ -509,10 +510,13 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(monkeypatch, capsys):
 def test_k_consecutive_nonfinite_losses_stop_training_with_a_message(monkeypatch):
     """max_bad_steps NaN losses in a row stop the run with one sentence; the last checkpoint is finite and kept."""
     poison_loss(monkeypatch, lambda call: call > 3)
+    writers = lambda: {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}  # noqa: E731
+    before = writers()
     with pytest.raises(SystemExit) as e:
         run("--max-bad-steps", 4)
     assert str(e.value) == ("error: 4 consecutive non-finite losses/gradients at step 7; lower --lr or --grad-clip "
                             "(the last good checkpoint is kept)")
+    assert writers() - before == set()  # the TensorBoard writer was closed on the way out, not left running
     assert [s for s, _ in step_files(RUN_DIR)] == [6, 3]  # step 6 had skipped updates but finite weights
     assert all(torch.isfinite(t).all() for t in latest()["model"].values())
 
