@@ -43,7 +43,8 @@ class Config:
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
     prediction: str = knob("eps", "what the model predicts: eps (the noise, as described) or v (Salimans & Ho 2022)")
-    loss: str = knob("l1", "loss on the prediction: l1 or mse")
+    loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below)")
+    hybrid_t: int = knob(400, "with --loss hybrid: the first timestep trained with MSE instead of L1")
     min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale (0 = off, as described)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")
@@ -167,8 +168,10 @@ def check_config(cfg):
         problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
     if cfg.noise_schedule not in ("linear", "cosine"):
         problems.append(f"noise_schedule must be linear or cosine, not '{cfg.noise_schedule}'")
-    if cfg.loss not in ("l1", "mse"):
-        problems.append(f"loss must be l1 or mse, not '{cfg.loss}'")
+    if cfg.loss not in ("l1", "mse", "hybrid"):
+        problems.append(f"loss must be l1, mse or hybrid, not '{cfg.loss}'")
+    if not 0 <= cfg.hybrid_t <= cfg.max_t:
+        problems.append(f"hybrid_t must be in [0, max_t={cfg.max_t}], not {cfg.hybrid_t}")
     if cfg.optimizer not in ("adam", "adamw"):
         problems.append(f"optimizer must be adam or adamw, not '{cfg.optimizer}'")
     if cfg.lr_schedule not in ("constant", "cosine"):
