@@ -238,6 +238,18 @@ def test_min_snr_weighting_matches_the_formula():
     assert loss < base  # low-noise samples (SNR > 5) are down-weighted
 
 
+def test_hybrid_loss_is_mse_at_high_noise_and_l1_below():
+    """--loss hybrid: each sample's loss is its squared error where t >= hybrid_t and its absolute error below."""
+    out, target = torch.zeros(4, 3, 2, 2), torch.full((4, 3, 2, 2), 0.5)
+    target[1] = 2.0  # errors 0.5 and 2.0: squared 0.25 and 4.0, absolute 0.5 and 2.0
+    t = torch.tensor([999, 999, 699, 700])
+    close(Diffusion(loss="hybrid", hybrid_t=700).per_sample_loss(out, target, t), torch.tensor([0.25, 4.0, 0.5, 0.25]))
+    close(Diffusion(loss="mse").per_sample_loss(out, target, t), torch.tensor([0.25, 4.0, 0.25, 0.25]))
+    close(Diffusion(loss="l1").per_sample_loss(out, target, t), torch.tensor([0.5, 2.0, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="loss"):
+        Diffusion(loss="huber")
+
+
 def v_oracle(x0, abar=ABAR):
     """The exact v = sqrt(abar) eps - sqrt(1 - abar) x0 for x_t built from the known x0 (float64 alpha-bar)."""
     eps_of = oracle(x0, abar)

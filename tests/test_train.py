@@ -229,7 +229,7 @@ def test_tiny_model_overfits_four_images():
 
 @pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
                                           ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5),
-                                          ("ema_gamma", -1.0)])
+                                          ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber")])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval or a negative warm-up stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
