@@ -44,7 +44,7 @@ class Config:
     beta_end: float = knob(0.02, "last beta of the linear schedule")
     prediction: str = knob("eps", "what the model predicts: eps (the noise, as described) or v (Salimans & Ho 2022)")
     loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below)")
-    hybrid_t: int = knob(400, "with --loss hybrid: the first timestep trained with MSE instead of L1")
+    hybrid_t: int = knob(850, "with --loss hybrid: the first timestep trained with MSE instead of L1")
     min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale (0 = off, as described)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")

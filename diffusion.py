@@ -6,7 +6,6 @@ alphas_cumprod = alpha-bar. Every schedule term is computed once in float64 and 
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -27,7 +26,7 @@ class Diffusion:
     """Schedule terms, q(x_t | x_0), the training loss (noise or v prediction) and the reverse samplers."""
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
-                 prediction="eps", schedule="linear", hybrid_t=400):
+                 prediction="eps", schedule="linear", hybrid_t=850):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be eps or v, got {prediction}")
         if loss not in ("l1", "mse", "hybrid"):
