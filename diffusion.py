@@ -105,8 +105,8 @@ class Diffusion:
         Given x_t, the target is affine in x_0, so MSE regresses the mean of the images x_t could have come
         from and L1 their per-pixel median; at high noise the median leaves out minority parts (a panda's
         dark ears and eye patches on a light face), so the layout is learnt late. MSE there, L1 for detail."""
-        sq = (out - target).square().flatten(1).mean(1)
-        ab = (out - target).abs().flatten(1).mean(1)
+        err = (out - target).flatten(1)
+        sq, ab = err.square().mean(1), err.abs().mean(1)
         if self.loss_type == "hybrid":
             return torch.where(t >= self.hybrid_t, sq, ab)
         return sq if self.loss_type == "mse" else ab
