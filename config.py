@@ -10,6 +10,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+LOSSES = ("l1", "mse", "hybrid")  # the training losses diffusion.Diffusion knows
+
 
 def knob(default, help):
     return field(default=default, metadata={"help": help})
@@ -168,8 +170,8 @@ def check_config(cfg):
         problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
     if cfg.noise_schedule not in ("linear", "cosine"):
         problems.append(f"noise_schedule must be linear or cosine, not '{cfg.noise_schedule}'")
-    if cfg.loss not in ("l1", "mse", "hybrid"):
-        problems.append(f"loss must be l1, mse or hybrid, not '{cfg.loss}'")
+    if cfg.loss not in LOSSES:
+        problems.append(f"loss must be one of {', '.join(LOSSES)}, not '{cfg.loss}'")
     if not 0 <= cfg.hybrid_t <= cfg.max_t:
         problems.append(f"hybrid_t must be in [0, max_t={cfg.max_t}], not {cfg.hybrid_t}")
     if cfg.optimizer not in ("adam", "adamw"):

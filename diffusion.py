@@ -8,6 +8,8 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from config import LOSSES
+
 
 def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
     """float64 betas. linear: beta_start..beta_end (Ho et al. 2020, the description). cosine: Nichol &
@@ -29,8 +31,8 @@ class Diffusion:
                  prediction="eps", schedule="linear", hybrid_t=850):
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be eps or v, got {prediction}")
-        if loss not in ("l1", "mse", "hybrid"):
-            raise ValueError(f"loss must be l1, mse or hybrid, got {loss}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss}")
         self.max_t, self.loss_type, self.min_snr_gamma, self.prediction = max_t, loss, min_snr_gamma, prediction
         self.hybrid_t = hybrid_t
         betas = make_betas(schedule, max_t, beta_start, beta_end)
@@ -106,10 +108,11 @@ class Diffusion:
         from and L1 their per-pixel median; at high noise the median leaves out minority parts (a panda's
         dark ears and eye patches on a light face), so the layout is learnt late. MSE there, L1 for detail."""
         err = (out - target).flatten(1)
-        sq, ab = err.square().mean(1), err.abs().mean(1)
-        if self.loss_type == "hybrid":
-            return torch.where(t >= self.hybrid_t, sq, ab)
-        return sq if self.loss_type == "mse" else ab
+        if self.loss_type == "l1":
+            return err.abs().mean(1)
+        if self.loss_type == "mse":
+            return err.square().mean(1)
+        return torch.where(t >= self.hybrid_t, err.square().mean(1), err.abs().mean(1))
 
     # ---- reverse process ----
 
