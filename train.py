@@ -418,6 +418,7 @@ def save(r, p):
 def main(argv=None):
     overrides, fresh = parse_args(argv)
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
+    r = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
     try:
         cfg, state = resolve_config(overrides, fresh, rank)
         device = select_device(cfg.device, local_rank, cfg.amp)
@@ -441,10 +442,11 @@ def main(argv=None):
     except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
         say("interrupted before training started; nothing to save")
         raise SystemExit(130)
-    try:
+    else:
         run_loop(r, progress)
-    finally:  # also when a run stops on an error: flush TensorBoard and end its writer thread
-        r.log.close()
+    finally:
+        if r is not None:
+            r.log.close()
     if distributed():
         dist.destroy_process_group()
 

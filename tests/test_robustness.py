@@ -72,6 +72,11 @@ def run(*extra, steps=STEPS, workers=0):
     train.main(argv(*extra, steps=steps, workers=workers))
 
 
+def writer_threads():
+    """TensorBoard's event-writer threads now alive: one a run leaves behind writes into a folder a later test removed."""
+    return {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}
+
+
 def latest():
     return load_checkpoint(os.path.join(RUN_DIR, "latest.pt"))
 
@@ -271,9 +276,11 @@ def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(during, mon
     """Ctrl-C while images are decoded or the model is built and logged (no Stopper yet) is a one-line exit 130,
     not a KeyboardInterrupt trace."""
     monkeypatch.setattr(train, during, lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    before = writer_threads()
     with pytest.raises(SystemExit) as e:
         run()
     assert e.value.code == 130 and "interrupted before training started; nothing to save" in capsys.readouterr().out
+    assert writer_threads() - before == set()  # the writer opened before log_start is closed, not left running
 
 
 def test_second_ctrl_c_during_a_save_exits_130_and_loses_nothing(straight, capsys):
@@ -510,13 +517,12 @@ def test_nonfinite_loss_skips_the_update_and_is_counted(monkeypatch, capsys):
 def test_k_consecutive_nonfinite_losses_stop_training_with_a_message(monkeypatch):
     """max_bad_steps NaN losses in a row stop the run with one sentence; the last checkpoint is finite and kept."""
     poison_loss(monkeypatch, lambda call: call > 3)
-    writers = lambda: {t for t in threading.enumerate() if type(t).__name__ == "_AsyncWriterThread"}  # noqa: E731
-    before = writers()
+    before = writer_threads()
     with pytest.raises(SystemExit) as e:
         run("--max-bad-steps", 4)
     assert str(e.value) == ("error: 4 consecutive non-finite losses/gradients at step 7; lower --lr or --grad-clip "
                             "(the last good checkpoint is kept)")
-    assert writers() - before == set()  # the TensorBoard writer was closed on the way out, not left running
+    assert writer_threads() - before == set()  # the TensorBoard writer was closed on the way out, not left running
     assert [s for s, _ in step_files(RUN_DIR)] == [6, 3]  # step 6 had skipped updates but finite weights
     assert all(torch.isfinite(t).all() for t in latest()["model"].values())
 
