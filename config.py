@@ -102,12 +102,12 @@ PRESETS = {
                      lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
                      sample_every=2000, ckpt_every=1000, milestone_every=10000),
     # The CPU presets share one model (4 blocks, 4 heads x 32 on a 128-wide stream) and recipe
-    # (v-prediction, L1, batch 32, lr 1e-3): README, "What we tried". They differ in pixels per token.
+    # (v-prediction, L1, batch 32, lr 1e-3): docs/experiments.md. They differ in pixels per token.
     # 64 px, patch 4: 256 tokens.
     "panda64": dict(_CPU, image_size=64, patch_size=4),
     # 32 px, patch 2: the same 256 tokens on 2x2-pixel patches. At equal CPU time it scores a much
     # better SWD (measured at 64 px) than panda64, and L1 on v beats MSE on v by ~15 over three seeds
-    # (README, "What we tried"); but a 32 px image cannot score better than ~35.
+    # (docs/experiments.md); but a 32 px image cannot score better than ~35.
     "panda32": dict(_CPU, image_size=32, patch_size=2),
     # 48 px, patch 3: panda32's model and cost (the same 256 tokens) with 1.5x the pixels. The CPU
     # default: with L1 it keeps learning where panda32 stalls at its 32 px floor (README, "What an hour buys").
