@@ -10,7 +10,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-LOSSES = ("l1", "mse", "hybrid")  # the training losses diffusion.Diffusion knows
+# The values each string knob accepts; diffusion.Diffusion checks its arguments against the same lists.
+CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v"), "loss": ("l1", "mse", "hybrid"),
+           "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine")}
 
 
 def knob(default, help):
@@ -166,18 +168,11 @@ def check_config(cfg):
         problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if min(cfg.warmup_steps, cfg.hist_every, cfg.sample_every, cfg.max_minutes, cfg.milestone_every, cfg.keep_last, cfg.ema_gamma) < 0:
         problems.append("warmup_steps, hist_every, sample_every, max_minutes, milestone_every, keep_last and ema_gamma must be >= 0")
-    if cfg.prediction not in ("eps", "v"):
-        problems.append(f"prediction must be eps or v, not '{cfg.prediction}'")
-    if cfg.noise_schedule not in ("linear", "cosine"):
-        problems.append(f"noise_schedule must be linear or cosine, not '{cfg.noise_schedule}'")
-    if cfg.loss not in LOSSES:
-        problems.append(f"loss must be one of {', '.join(LOSSES)}, not '{cfg.loss}'")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
     if not 0 <= cfg.hybrid_t <= cfg.max_t:
         problems.append(f"hybrid_t must be in [0, max_t={cfg.max_t}], not {cfg.hybrid_t}")
-    if cfg.optimizer not in ("adam", "adamw"):
-        problems.append(f"optimizer must be adam or adamw, not '{cfg.optimizer}'")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        problems.append(f"lr_schedule must be constant or cosine, not '{cfg.lr_schedule}'")
     if min(cfg.batch_size, cfg.max_t, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.emb_dim) < 1:
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
     if cfg.eval_every < 0 or cfg.eval_n < 1 or cfg.eval_steps < 1 or cfg.holdout < 0:

@@ -8,7 +8,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from config import LOSSES
+from config import CHOICES
 
 
 def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
@@ -21,7 +21,7 @@ def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
         s = 0.008
         f = torch.cos((torch.arange(max_t + 1, dtype=torch.float64) / max_t + s) / (1 + s) * math.pi / 2) ** 2
         return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"noise schedule must be linear or cosine, got {schedule}")
+    raise ValueError(f"noise schedule must be one of {', '.join(CHOICES['noise_schedule'])}, got {schedule}")
 
 
 class Diffusion:
@@ -29,10 +29,9 @@ class Diffusion:
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
                  prediction="eps", schedule="linear", hybrid_t=850):
-        if prediction not in ("eps", "v"):
-            raise ValueError(f"prediction must be eps or v, got {prediction}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss}")
+        for name, value in (("prediction", prediction), ("loss", loss)):
+            if value not in CHOICES[name]:
+                raise ValueError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value}")
         self.max_t, self.loss_type, self.min_snr_gamma, self.prediction = max_t, loss, min_snr_gamma, prediction
         self.hybrid_t = hybrid_t
         betas = make_betas(schedule, max_t, beta_start, beta_end)

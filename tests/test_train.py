@@ -229,12 +229,15 @@ def test_tiny_model_overfits_four_images():
 
 @pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
                                           ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5),
-                                          ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber")])
+                                          ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "x0"),
+                                          ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step")])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval or a negative warm-up stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
         config.build_config({"preset": "tiny", field: value})
     assert str(e.value).startswith("error: ") and field in str(e.value)
+    if field in config.CHOICES:  # a bad choice lists the good ones
+        assert ", ".join(config.CHOICES[field]) in str(e.value)
 
 
 def test_bad_device_is_a_clear_error(monkeypatch):
