@@ -114,7 +114,7 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, capsys):
-    """--preset auto resolves to panda48 (v-prediction, L1) without CUDA (panda256 with it), and says so."""
+    """--preset auto resolves to panda48 (v-prediction, the hybrid L1/MSE loss) without CUDA (panda256 with it), and says so."""
     assert config.build_config({}, cuda_available=False).preset == "panda48"
     assert config.build_config({"preset": "auto"}, cuda_available=True).preset == "panda256"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -122,7 +122,7 @@ def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, caps
     assert "preset panda48" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "work/checkpoints/panda48/config.json"))
     assert (saved["preset"], saved["image_size"], saved["patch_size"], saved["prediction"], saved["loss"]) == \
-        ("panda48", 48, 3, "v", "l1")
+        ("panda48", 48, 3, "v", "hybrid")
     seed = config.build_config({"preset": "seed"})
     assert seed.prediction == "eps" and seed.loss == "l1"  # the description's model stays as described
 
