@@ -232,7 +232,7 @@ def test_tiny_model_overfits_four_images():
                                           ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "x0"),
                                           ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step")])
 def test_out_of_range_settings_are_one_clear_error(field, value):
-    """A zero interval or a negative warm-up stops at the start with the field named, not a crash mid-run."""
+    """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
         config.build_config({"preset": "tiny", field: value})
     assert str(e.value).startswith("error: ") and field in str(e.value)
