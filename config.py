@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 # The values each string knob accepts; diffusion.Diffusion checks its arguments against the same lists.
-CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v"), "loss": ("l1", "mse", "hybrid"),
+CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"), "loss": ("l1", "mse", "hybrid"),
            "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine")}
 
 
@@ -22,7 +22,7 @@ def knob(default, help):
 @dataclass
 class Config:
     # --- run and files ---
-    preset: str = knob("auto", "named preset: auto (panda256 on CUDA, panda48 otherwise), seed, panda256, panda64, panda48, panda32, tiny")
+    preset: str = knob("auto", "named preset: auto (panda256 on CUDA; on a CPU panda48, or cartoon48 without --data-dir), seed, panda256, panda64, panda48, cartoon48, panda32, tiny")
     run: str = knob("", "run name: checkpoints/<run>/ and dit_training/<run>/ (default: the preset name)")
     data_dir: str = knob("", "image folder, flat or one sub-folder per label (default: data/pandas, generated if missing)")
     ckpt_dir: str = knob("checkpoints", "checkpoints go to <ckpt_dir>/<run>/")
@@ -46,7 +46,7 @@ class Config:
     noise_schedule: str = knob("linear", "beta schedule: linear (as described) or cosine (Nichol & Dhariwal 2021; ignores beta_start/end)")
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
-    prediction: str = knob("eps", "what the model predicts: eps (the noise, as described) or v (Salimans & Ho 2022)")
+    prediction: str = knob("eps", "what the model predicts: eps (the noise, as described), v (Salimans & Ho 2022) or x0 (the clean image, trained on the v it implies)")
     loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below)")
     hybrid_t: int = knob(850, "with --loss hybrid: the first timestep trained with MSE instead of L1")
     min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale (0 = off, as described)")
@@ -116,6 +116,11 @@ PRESETS = {
     # MSE on the noisiest 15% of the timesteps (t >= hybrid_t = 850), L1 below: 31.5 against L1's 33.0
     # at ~20 CPU-minutes over two seeds and three noise sets, and ahead from ~12 to ~80 minutes.
     "panda48": dict(_CPU, image_size=48, patch_size=3, loss="hybrid"),
+    # The procedural cartoons (the CPU default for them): 48 px, patch 6, 64 tokens, so a step costs
+    # ~1/4 of panda48's, and the model draws x_0 instead of v: a cartoon's flat 6x6-pixel patch is
+    # an easy output, its noise (108 numbers on a 128-wide token) is not. MSE down to t = 400.
+    # ~34 against panda48's ~60 after 10 CPU-minutes; worse on the photos (docs/experiments.md).
+    "cartoon48": dict(_CPU, image_size=48, patch_size=6, prediction="x0", loss="hybrid", hybrid_t=400),
     # For tests: a few seconds on a CPU.
     "tiny": dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16,
                  lr=1e-3, warmup_steps=0, batch_size=8, max_steps=50, sample_n=4,
@@ -124,10 +129,10 @@ PRESETS = {
 }
 
 
-def resolve_preset(name, cuda_available):
-    """'auto' -> panda256 on CUDA, panda48 otherwise."""
+def resolve_preset(name, cuda_available, own_data=True):
+    """'auto' -> panda256 on CUDA; on a CPU panda48 for a --data-dir, cartoon48 for the procedural pandas."""
     if name == "auto":
-        return "panda256" if cuda_available else "panda48"
+        return "panda256" if cuda_available else "panda48" if own_data else "cartoon48"
     if name not in PRESETS:
         raise SystemExit(f"error: unknown preset '{name}'; choose one of: auto, {', '.join(PRESETS)}")
     return name
@@ -151,7 +156,7 @@ ALIASES = {"run": ("--run-name",)}
 
 def build_config(overrides, cuda_available=False):
     """Defaults <- preset <- explicit overrides (a dict of flag values)."""
-    preset = resolve_preset(overrides.get("preset", "auto"), cuda_available)
+    preset = resolve_preset(overrides.get("preset", "auto"), cuda_available, bool(overrides.get("data_dir")))
     values = {**PRESETS[preset], **overrides, "preset": preset}
     cfg = Config(**values)
     if not cfg.run:

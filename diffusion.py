@@ -25,7 +25,7 @@ def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
 
 
 class Diffusion:
-    """Schedule terms, q(x_t | x_0), the training loss (noise or v prediction) and the reverse samplers."""
+    """Schedule terms, q(x_t | x_0), the training loss (noise, v or x_0 prediction) and the reverse samplers."""
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
                  prediction="eps", schedule="linear", hybrid_t=850):
@@ -79,18 +79,29 @@ class Diffusion:
             self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
 
     def to_eps(self, out, x_t, t):
-        """The model's output as a noise prediction: itself for eps-prediction, converted from v otherwise."""
+        """The model's output as a noise prediction: itself for eps-prediction, converted from v or x_0 otherwise."""
         if self.prediction == "eps":
             return out
+        if self.prediction == "x0":  # eps = (x_t - sqrt(alpha-bar) x_0) / sqrt(1 - alpha-bar)
+            return (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * out) / \
+                self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         return self._at(self.sqrt_alphas_cumprod, t, x_t) * out + self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
 
     def training_loss(self, model, x_start, y, generator=None):
-        """Noise x_0 at a random t and regress the target (the noise, or v).
-        Returns (loss, model output, target)."""
+        """Noise x_0 at a random t and regress the target: the noise, or v (also for an x_0 model, below).
+        Returns (loss, model output in the target's units, target)."""
         t = torch.randint(0, self.max_t, (x_start.shape[0],), device=x_start.device, generator=generator)
         noise = torch.randn(x_start.shape, device=x_start.device, generator=generator)
-        out = model(self.q_sample(x_start, t, noise), t, y)
+        x_t = self.q_sample(x_start, t, noise)
+        out = model(x_t, t, y)
         target = noise if self.prediction == "eps" else self.velocity(x_start, t, noise)
+        if self.prediction == "x0":
+            # The model draws the clean image, an easier output than noise or v for a token whose patch
+            # has about as many numbers as its width (Li & He 2025, "Back to Basics: Let Denoising
+            # Generative Models Denoise"); its loss is taken on the v it implies, v = (sqrt(alpha-bar) x_t
+            # - x_0) / sqrt(1 - alpha-bar), the x_0 error weighted by 1 / sqrt(1 - alpha-bar), capped at 20.
+            sigma = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t).clamp(min=0.05)
+            out = (self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - out.float()) / sigma
         per_sample = self.per_sample_loss(out.float(), target, t)
         if not self.min_snr_gamma:
             return per_sample.mean(), out, target

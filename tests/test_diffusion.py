@@ -291,7 +291,30 @@ def test_v_prediction_loss_regresses_v():
     close(target, a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double())
     close(loss, (target ** 2).mean())
     with pytest.raises(ValueError, match="prediction"):
-        Diffusion(prediction="x0")
+        Diffusion(prediction="score")
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 1000)])
+def test_x0_prediction_samples_and_trains_on_the_implied_v(sampler, steps):
+    """An x0 model's output is the clean image: the sampler lands on it, and the loss is taken on the v it
+    implies, so the exact x0 scores 0 and any other output is scored against v, not against x0."""
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    y = torch.zeros(2, dtype=torch.long)
+    exact = lambda x, t, y: x0[:x.shape[0]]  # noqa: E731
+    d = Diffusion(T, 1e-4, 0.02, loss="mse", prediction="x0")
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(steps))
+    torch.testing.assert_close(d.sample(exact, noise, y, sampler, steps, generator=torch.Generator().manual_seed(1)),
+                               x0, atol=1e-4, rtol=0)
+    loss, out, target = d.training_loss(exact, x0, y)
+    assert loss < 1e-8
+    torch.manual_seed(0)
+    loss, out, target = d.training_loss(lambda x, t, y: torch.zeros_like(x), x0, y)
+    torch.manual_seed(0)
+    t, noise = torch.randint(0, T, (2,)), torch.randn(x0.shape)
+    a = torch.tensor([ABAR[i] for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
+    close(target, a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double())
+    close(out, a.sqrt() * x_t / (1 - a).sqrt().clamp(min=0.05))  # v implied by x0 = 0
 
 
 def test_cosine_schedule_matches_nichol_dhariwal():

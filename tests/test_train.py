@@ -114,8 +114,11 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, capsys):
-    """--preset auto resolves to panda48 (v-prediction, the hybrid L1/MSE loss) without CUDA (panda256 with it), and says so."""
-    assert config.build_config({}, cuda_available=False).preset == "panda48"
+    """--preset auto resolves to panda48 (v-prediction, the hybrid L1/MSE loss) without CUDA for a --data-dir,
+    to cartoon48 (x0-prediction, 6 px patches) for the procedural pandas, to panda256 with CUDA, and says so."""
+    assert config.build_config({"data_dir": "photos"}, cuda_available=False).preset == "panda48"
+    cartoon = config.build_config({}, cuda_available=False)
+    assert (cartoon.preset, cartoon.patch_size, cartoon.prediction, cartoon.hybrid_t) == ("cartoon48", 6, "x0", 400)
     assert config.build_config({"preset": "auto"}, cuda_available=True).preset == "panda256"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_train(tmp_path / "work", image_dir, "--preset", "auto", "--max-steps", 0, "--num-workers", 0, "--no-log-graph")
@@ -229,7 +232,7 @@ def test_tiny_model_overfits_four_images():
 
 @pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
                                           ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5),
-                                          ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "x0"),
+                                          ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "score"),
                                           ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step")])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
