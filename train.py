@@ -1,6 +1,6 @@
 """Train a DiT to draw pandas.
 
-    python train.py                                  # panda48 on CPU, panda256 on CUDA
+    python train.py                                  # procedural pandas: cartoon48 on CPU, panda256 on CUDA
     python train.py --preset panda64 --data-dir ~/my_pandas --run mine
     torchrun --nproc_per_node=2 train.py ...         # same flags, DDP
     tensorboard --logdir=./dit_training
