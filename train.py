@@ -227,6 +227,10 @@ class Stopper:
         if self.requested and signum == signal.SIGINT:
             os._exit(130)  # checkpoints are written atomically: exiting mid-save loses nothing
         self.requested = True
+        # A SIGTERM to the whole group (timeout, Slurm, kill -- -PGID) kills the loader workers too, and
+        # the DataLoader's SIGCHLD handler would raise that from inside the last save; stop listening.
+        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
+            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (Ctrl-C again to quit now)")
 
 

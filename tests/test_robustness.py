@@ -253,18 +253,20 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(straight, ca
     assert_same_training_state(latest(), straight)
 
 
-def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(capsys):
-    """Ctrl-C to the process group of `python train.py` (2 loader workers): saved, no traceback, exit 0, resumable."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(sig, capsys):
+    """Ctrl-C (or `timeout`'s SIGTERM) to the process group of `python train.py` (2 loader workers): saved, no
+    traceback, exit 0, resumable. SIGTERM kills the workers, which must not break the last save."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open("c.log", "w") as log:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv(steps=100000, workers=2)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         wait_for(lambda: step_files(RUN_DIR), proc, "c.log", "the first checkpoint")
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the loader workers get it too
+        os.killpg(proc.pid, sig)  # what a terminal does: the loader workers get it too
         rc = proc.wait(timeout=WAIT)
     text = open("c.log").read()
     assert rc == 0, text[-2000:]
-    assert text.count("SIGINT: saving a checkpoint and stopping") == 1 and "Traceback" not in text  # workers stay quiet
+    assert text.count(f"{sig.name}: saving a checkpoint and stopping") == 1 and "Traceback" not in text  # workers stay quiet
     step = int(re.search(r"stopped at step (\d+) \(run the same command to continue\)", text).group(1))
     assert latest()["step"] == step
     run(steps=step + 1)
