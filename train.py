@@ -230,7 +230,8 @@ class Stopper:
         # A SIGTERM to the whole group (timeout, Slurm, kill -- -PGID) kills the loader workers too, and
         # the DataLoader's SIGCHLD handler would raise that from inside the last save; stop listening.
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
-            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *args: None)  # not SIG_DFL: a
+            # SIGCHLD already pending would then print "ignored due to race condition"
         tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (Ctrl-C again to quit now)")
 
 
