@@ -598,7 +598,7 @@ def train_until_stop(r, p, stopper, bar):
     cfg, start, meter, elapsed = r.cfg, time.time(), Meter(p["step"]), 0.0
     while p["step"] < cfg.max_steps:
         r.batches.set_position(p["epoch"], p["epoch_pos"])
-        for x, y in r.loader:
+        for x, y in batches(r.loader, stopper):
             x = x.to(r.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
             lr = lr_at(cfg, p["step"], elapsed)
             out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr, cfg, r.autocast)
@@ -613,9 +613,28 @@ def train_until_stop(r, p, stopper, bar):
             if stop or done:
                 break
         else:
+            if stopper.requested:  # the loader ended because its workers died of the same signal
+                save(r, p)
+                break
             end_epoch(r, p)
             continue
         break
+
+
+def batches(loader, stopper):
+    """The loader's batches; once a stop is requested, a loader that fails just ends: a SIGTERM to the whole
+    process group (timeout, Slurm, kill -- -PGID) kills its workers too, and the trainer still has a step to save."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception:
+            if stopper.requested:
+                return
+            raise
+        yield batch
 
 
 if __name__ == "__main__":

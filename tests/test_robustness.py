@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import warnings
 import zlib
 
@@ -272,6 +273,22 @@ def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(sig, capsys):
     assert latest()["step"] == step
     run(steps=step + 1)
     assert resumed_at(capsys.readouterr().out) == (f"step_{step:07d}.pt", step)
+
+
+@pytest.mark.parametrize("requested", [False, True])
+def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising(requested):
+    """Dead loader workers (a SIGTERM to the group kills them too) must not cost the last save; before any stop
+    request the same failure is a real error and propagates."""
+    def dying_loader():
+        yield "batch 0"
+        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+
+    stopper = types.SimpleNamespace(requested=requested)
+    if requested:
+        assert list(train.batches(dying_loader(), stopper)) == ["batch 0"]
+    else:
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            list(train.batches(dying_loader(), stopper))
 
 
 @pytest.mark.parametrize("during", ["load_data", "log_start"])
