@@ -218,6 +218,35 @@ def test_sigint_mid_epoch_then_resume_is_exact_and_tensorboard_continues(straigh
     assert sorted(e.step for e in events.Scalars("Loss/batch")) == [5, 10]  # the resumed run logged 10, not 5 again
 
 
+def test_sigterm_while_waiting_for_a_batch_that_never_comes_saves_the_last_step(straight, monkeypatch, capsys):
+    """A SIGTERM to the group reaches the trainer while it waits for a batch and kills the loader's workers:
+    the loader then raises, and the trainer must still save its last finished step and resume exactly."""
+    real_account, real_getitem = train.account, ImageCache.__getitem__
+    state = {}
+
+    def account(r, p, out):
+        real_account(r, p, out)
+        state["step"] = p["step"]
+
+    def getitem(self, item):
+        if state.get("step") == 7:
+            state["step"] = None
+            signal.raise_signal(signal.SIGTERM)  # handled by train.Stopper
+            raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
+        return real_getitem(self, item)
+
+    monkeypatch.setattr(train, "account", account)
+    monkeypatch.setattr(ImageCache, "__getitem__", getitem)
+    run()
+    out = capsys.readouterr().out
+    assert "SIGTERM: saving a checkpoint and stopping" in out and "stopped at step 7" in out
+    assert latest()["step"] == 7
+    monkeypatch.setattr(ImageCache, "__getitem__", real_getitem)
+    run()
+    assert resumed_at(capsys.readouterr().out) == ("step_0000007.pt", 7)
+    assert_same_training_state(latest(), straight)
+
+
 # ---------------------------------------------------------------------------------------------
 # kills and signals
 
