@@ -590,6 +590,9 @@ def run_loop(r, p):
     bar = tqdm(total=r.cfg.max_steps, initial=p["step"], disable=r.rank != 0, desc=r.cfg.run, dynamic_ncols=True)
     with Stopper() as stopper, bar:
         train_until_stop(r, p, stopper, bar)
+        # End the persistent loader workers while the Stopper still owns SIGCHLD: after a SIGTERM to the
+        # group they are dead, and the DataLoader's own handler would raise from their shutdown.
+        r.loader = None
     more = "reached --max-steps; raise it" if p["step"] >= r.cfg.max_steps else "run the same command"
     say(f"stopped at step {p['step']} ({more} to continue); checkpoints in {os.path.join(r.cfg.ckpt_dir, r.cfg.run)}", r.rank)
 
