@@ -601,7 +601,7 @@ def train_until_stop(r, p, stopper, bar):
     cfg, start, meter, elapsed = r.cfg, time.time(), Meter(p["step"]), 0.0
     while p["step"] < cfg.max_steps:
         r.batches.set_position(p["epoch"], p["epoch_pos"])
-        for x, y in batches(r.loader, stopper):
+        for x, y in loader_batches(r.loader, stopper):
             x = x.to(r.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
             lr = lr_at(cfg, p["step"], elapsed)
             out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr, cfg, r.autocast)
@@ -624,7 +624,7 @@ def train_until_stop(r, p, stopper, bar):
         break
 
 
-def batches(loader, stopper):
+def loader_batches(loader, stopper):
     """The loader's batches; once a stop is requested, a loader that fails just ends: a SIGTERM to the whole
     process group (timeout, Slurm, kill -- -PGID) kills its workers too, and the trainer still has a step to save."""
     it = iter(loader)

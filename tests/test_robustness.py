@@ -314,10 +314,10 @@ def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising
 
     stopper = types.SimpleNamespace(requested=requested)
     if requested:
-        assert list(train.batches(dying_loader(), stopper)) == ["batch 0"]
+        assert list(train.loader_batches(dying_loader(), stopper)) == ["batch 0"]
     else:
         with pytest.raises(RuntimeError, match="exited unexpectedly"):
-            list(train.batches(dying_loader(), stopper))
+            list(train.loader_batches(dying_loader(), stopper))
 
 
 @pytest.mark.parametrize("during", ["load_data", "log_start"])
