@@ -392,7 +392,12 @@ def restore(state, model, ema, optimizer, device):
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        # the saved groups carry the Adam kernel of the run that wrote them (unfused before fused was the
+        # default, or another device's choice): keep the one build_training made for this machine
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, kernels):
+            group.update(chosen)
         set_rng_states(state["rng"], device)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise SystemExit(f"error: checkpoint '{state.get('path', '?')}' does not fit this model or is incomplete "

@@ -91,6 +91,24 @@ def test_resume_continues_steps(resumed_run):
     assert merged == list(range(5, SECOND + 1, 5))
 
 
+def test_resume_keeps_this_runs_optimizer_kernel():
+    """A checkpoint written by the unfused Adam resumes with the fused one build_training picks (and the state)."""
+    cfg = config.build_config({"preset": "tiny", "device": "cpu"}, False)
+    model, ema, optimizer, _ = train.build_training(cfg, torch.device("cpu"), 1)
+    old = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # what runs saved before the fused kernel
+    x, t, y = torch.randn(2, 3, cfg.image_size, cfg.image_size), torch.tensor([500, 20]), torch.zeros(2, dtype=torch.long)
+    model(x, t, y).square().mean().backward()
+    old.step()
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": old.state_dict(),
+             "rng": train.rng_states(torch.device("cpu")), "step": 1}
+    assert optimizer.param_groups[0]["fused"] is True and state["optimizer"]["param_groups"][0]["fused"] is None
+    assert train.restore(state, model, ema, optimizer, torch.device("cpu"))["step"] == 1
+    assert optimizer.param_groups[0]["fused"] is True
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 1
+    optimizer.step()  # the fused kernel accepts the state the unfused one wrote
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 2
+
+
 def test_tensorboard_drops_what_a_crash_logged_after_the_checkpoint(tmp_path):
     """A run that crashed at step 30 after its last checkpoint at 0 (none yet) restarts at 0: the plot shows
     the new steps 1..10 once, not the crashed run's 1..30 folded under them."""
