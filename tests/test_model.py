@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dit
 from dit import Attention, DiT, LabelEmbedder
 
 
@@ -60,8 +61,11 @@ def test_plain_init_is_not_zero():
     assert (model.blocks[0](h, c) - h).abs().mean() > 1e-3
 
 
-def test_attention_matches_explicit_softmax_reference():
-    """Attention is softmax(Q K^T / sqrt(head_dim)) V per head (not / sqrt(sequence length))."""
+@pytest.mark.parametrize("short", [0, 1000], ids=["sdpa", "plain-matmuls"])
+def test_attention_matches_explicit_softmax_reference(short, monkeypatch):
+    """Attention is softmax(Q K^T / sqrt(head_dim)) V per head (not / sqrt(sequence length)), on both paths:
+    SDPA, and the plain matmuls a CPU takes for short sequences."""
+    monkeypatch.setattr(dit, "SHORT", short)
     torch.manual_seed(1)
     dim, heads, head_dim, T = 24, 3, 8, 36  # T != head_dim, so the two scalings differ
     attn = Attention(dim, heads, head_dim)
