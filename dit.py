@@ -67,7 +67,7 @@ class Attention(nn.Module):
         q, k, v = (a.transpose(1, 2) for a in qkv.unbind(2))  # (N, H, T, d) each
         if x.device.type == "cpu" and T <= SHORT:
             # two plain matmuls and a softmax: on a CPU about twice as fast as SDPA's kernel for a short
-            # sequence (64 tokens: 3.1 against 6.0 ms forward and backward per block, a cartoon48 step 12%
+            # sequence (64 tokens: 3-4 against 6 ms forward and backward per block, a cartoon48 step ~6%
             # faster); the two are even at 144 tokens and SDPA is ahead beyond (256: 44 against 91 ms)
             x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (N, H, T, d)
         else:
