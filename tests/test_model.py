@@ -1,4 +1,5 @@
 """The network alone: shapes, patch bookkeeping, adaLN-Zero init, attention maths, label table."""
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ def tiny_dit(**kw):
     dict(num_heads=6, head_dim=64),  # the description's heads: 6 x 64 on a 32-wide stream
     dict(image_size=8, patch_size=2, in_channels=1, num_heads=3, head_dim=5, num_labels=3, label_dropout=0.1),
     dict(adaln_zero=False, depth=1, mlp_ratio=2.0, freq_dim=33),
+    dict(adaln_zero=False, mlp_act="relu"),
 ])
 def test_output_shape_matches_input(kw):
     """eps = DiT(x_t, t, y) has the image's shape (N, C, H, W) for several architectures."""
@@ -114,3 +116,15 @@ def test_from_config_builds_the_preset(tiny_cfg):
     assert model.blocks[0].attn.qkv.out_features == 3 * 2 * 16
     x = torch.randn(2, 3, 16, 16)
     assert model(x, torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)).shape == x.shape
+
+
+def test_mlp_act_relu_changes_only_the_activation(tiny_cfg):
+    """--mlp-act relu swaps the MLP's GELU for a ReLU: same parameters, other outputs; gelu stays the default."""
+    torch.manual_seed(0)
+    gelu = DiT.from_config(dataclasses.replace(tiny_cfg, adaln_zero=False))
+    relu = DiT.from_config(dataclasses.replace(tiny_cfg, adaln_zero=False, mlp_act="relu"))
+    relu.load_state_dict(gelu.state_dict())  # the same weights load: only the function differs
+    assert all(isinstance(b.mlp[1], torch.nn.GELU) for b in gelu.blocks)
+    assert all(isinstance(b.mlp[1], torch.nn.ReLU) for b in relu.blocks)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)
+    assert not torch.allclose(gelu(x, t, y), relu(x, t, y))

@@ -515,18 +515,19 @@ def test_architecture_change_is_refused_with_the_fields_and_the_way_out(capsys):
 
 
 def test_checkpoint_older_than_a_field_resumes_with_the_field_default(capsys):
-    """A run saved before prediction/noise_schedule existed resumes as what it was (eps, linear), silently;
-    asking it for the cosine schedule is refused like any other architecture change."""
+    """A run saved before prediction/noise_schedule/mlp_act existed resumes as what it was (eps, linear, GELU),
+    silently; asking it for the cosine schedule is refused like any other architecture change."""
     run(steps=3)
     state = latest()
-    for field in ("prediction", "noise_schedule"):
+    for field in ("prediction", "noise_schedule", "mlp_act"):
         del state["config"][field]
     save_checkpoint(state, RUN_DIR)
     capsys.readouterr()
     run(steps=6)
     out = capsys.readouterr().out
-    assert "resuming 'tiny'" in out and "noise_schedule" not in out and "prediction" not in out
+    assert "resuming 'tiny'" in out and "noise_schedule" not in out and "prediction" not in out and "mlp_act" not in out
     assert latest()["step"] == 6 and latest()["config"]["noise_schedule"] == "linear"
+    assert latest()["config"]["mlp_act"] == "gelu"
     with pytest.raises(SystemExit, match=r"\(noise_schedule linear -> cosine\); .*--fresh"):
         run("--noise-schedule", "cosine", steps=9)
 
