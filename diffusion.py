@@ -100,8 +100,11 @@ class Diffusion:
             # has about as many numbers as its width (Li & He 2025, "Back to Basics: Let Denoising
             # Generative Models Denoise"); its loss is taken on the v it implies, v = (sqrt(alpha-bar) x_t
             # - x_0) / sqrt(1 - alpha-bar), the x_0 error weighted by 1 / sqrt(1 - alpha-bar), capped at 20.
+            # The cap applies to output and target alike (t < 11 on the linear schedule), so the exact x_0
+            # still scores 0 there.
             sigma = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t).clamp(min=0.05)
-            out = (self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - out.float()) / sigma
+            scaled_x_t = self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t
+            out, target = (scaled_x_t - out.float()) / sigma, (scaled_x_t - x_start) / sigma
         per_sample = self.per_sample_loss(out.float(), target, t)
         if not self.min_snr_gamma:
             return per_sample.mean(), out, target
