@@ -571,7 +571,11 @@ def evaluate(r, p):
     # DDIM eta=0 from fixed noise: depends only on the weights
     fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, "ddim", min(cfg.eval_steps, cfg.max_t))
     model.train(was_training)
-    result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, seed=cfg.seed)
+    try:
+        result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, seed=cfg.seed)
+    except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
+        say(f"warning: step {step}: no SWD this time ({e}); training goes on")
+        return
     levels = dict(zip(result["resolutions"], result["levels"]))
     r.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
     r.log.images("Quality/samples", make_grid((fake[:cfg.sample_n] + 1) / 2, nrow=int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))), step)

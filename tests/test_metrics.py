@@ -124,3 +124,19 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
     held = sorted(os.listdir(data))[-4:]
     trained = "".join(open(os.path.join(tmp_path, "cache", f)).read() for f in os.listdir(tmp_path / "cache") if f.endswith(".files"))
     assert trained.count(".png") == 8 and not any(name in trained for name in held)
+
+
+def test_unreadable_reference_photos_skip_the_swd_not_the_run(tmp_path, capsys):
+    """Held-out photos are read only at the first evaluation: if none can be read, that evaluation says so
+    in one line and training goes on to its checkpoint (no traceback, no lost run)."""
+    data = make_pandas(tmp_path / "pandas", 12, size=32)
+    for name in sorted(os.listdir(data))[-4:]:  # the held-out four
+        with open(os.path.join(data, name), "wb") as f:
+            f.write(b"not an image")
+    with pytest.warns(UserWarning, match="unreadable"):
+        run_train(tmp_path, data, "--max-steps", 4, "--eval-every", 2, "--eval-n", 4, "--eval-steps", 2,
+                  "--holdout", 4, "--no-log-graph", "--run", "q")
+    assert "warning: step 2: no SWD this time (none of the 4 image files could be read); training goes on" \
+        in capsys.readouterr().out
+    assert torch.load(tmp_path / "checkpoints" / "q" / "latest.pt", weights_only=True)["step"] == 4
+    assert not os.path.exists(tmp_path / "checkpoints" / "q" / "best.pt")
