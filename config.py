@@ -50,7 +50,7 @@ class Config:
     prediction: str = knob("eps", "what the model predicts: eps (the noise, as described), v (Salimans & Ho 2022) or x0 (the clean image, trained on the v it implies)")
     loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below)")
     hybrid_t: int = knob(850, "with --loss hybrid: the first timestep trained with MSE instead of L1")
-    min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale (0 = off, as described)")
+    min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale for MSE; L1 gets the same per-step weights (0 = off, as described)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")
     lr: float = knob(3e-4, "peak learning rate")
@@ -185,6 +185,12 @@ def check_config(cfg):
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
     if cfg.eval_every < 0 or cfg.eval_n < 1 or cfg.eval_steps < 1 or cfg.holdout < 0:
         problems.append("eval_every and holdout must be >= 0, eval_n and eval_steps >= 1")
+    if cfg.sample_steps < 1:
+        problems.append("sample_steps must be >= 1")
+    if not (cfg.lr > 0 and cfg.mlp_ratio > 0):
+        problems.append("lr and mlp_ratio must be > 0")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        problems.append("ema_decay must be in [0, 1) (0 = EMA off)")
     if cfg.max_t >= 1 and cfg.noise_schedule == "linear" and terminal_alpha_bar(cfg) > 0.05:
         problems.append(f"max_t={cfg.max_t} with betas {cfg.beta_start}..{cfg.beta_end} leaves {terminal_alpha_bar(cfg):.2f} "
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")

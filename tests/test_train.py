@@ -251,7 +251,9 @@ def test_tiny_model_overfits_four_images():
 @pytest.mark.parametrize("field, value", [("log_every", 0), ("ckpt_every", 0), ("patch_size", 0), ("sample_n", 0),
                                           ("num_generated", 0), ("max_bad_steps", 0), ("warmup_steps", -5),
                                           ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "score"),
-                                          ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step")])
+                                          ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step"),
+                                          ("mlp_act", "silu"), ("sample_steps", 0), ("lr", 0.0), ("mlp_ratio", 0.0),
+                                          ("ema_decay", 1.0)])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
