@@ -95,12 +95,12 @@ class NaiveAttention(nn.Module):
 class NaiveDiTBlock(nn.Module):
     """A DiT block with one Linear per modulation parameter (alpha/beta/gamma) instead of one fused map."""
 
-    def __init__(self, dim, num_heads, head_dim, hidden):
+    def __init__(self, dim, num_heads, head_dim, hidden, act):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = NaiveAttention(dim, num_heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), act, nn.Linear(hidden, dim))
         self.modulation = nn.ModuleList([nn.Linear(dim, dim) for _ in range(6)])
 
     def forward(self, x, c):
@@ -132,8 +132,9 @@ class NaiveDiT(DiT):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        dim, attn, hidden = self.pos_embed.shape[-1], self.blocks[0].attn, self.blocks[0].mlp[0].out_features
-        self.blocks = nn.ModuleList([NaiveDiTBlock(dim, attn.num_heads, attn.head_dim, hidden) for _ in self.blocks])
+        dim, attn, mlp = self.pos_embed.shape[-1], self.blocks[0].attn, self.blocks[0].mlp
+        self.blocks = nn.ModuleList([NaiveDiTBlock(dim, attn.num_heads, attn.head_dim, mlp[0].out_features, type(mlp[1])())
+                                     for _ in self.blocks])
         self.final_layer = NaiveFinalLayer(dim, self.final_layer.linear.out_features)
 
     def forward(self, x, t, y):

@@ -1,4 +1,4 @@
-"""The Diffusion Transformer (Peebles & Xie, 2023): patches in, predicted noise out."""
+"""The Diffusion Transformer (Peebles & Xie, 2023): patches in, the prediction (noise, v or x_0) out."""
 import math
 
 import torch
@@ -75,6 +75,9 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
 
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}  # the MLP's, by config.CHOICES["mlp_act"] name
+
+
 class DiTBlock(nn.Module):
     """Attention + MLP, each pre-normed, shifted/scaled (beta/gamma) and gated (alpha) by the condition."""
 
@@ -87,7 +90,9 @@ class DiTBlock(nn.Module):
         # exact (erf) GELU: within 5e-4 of the tanh form DiT uses, and on a CPU it is the cheaper of the
         # two (forward + backward over a batch of cartoon48's MLP activations: 3.0 ms against 4.9 ms).
         # ReLU (--mlp-act relu) is cheaper still: 0.7 ms.
-        act = nn.ReLU() if mlp_act == "relu" else nn.GELU()
+        if mlp_act not in ACTIVATIONS:  # config.check_config refuses it for training; this guards a checkpoint
+            raise ValueError(f"mlp_act must be one of {', '.join(ACTIVATIONS)}, got {mlp_act}")
+        act = ACTIVATIONS[mlp_act]()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), act, nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # one fused projection
 
@@ -100,7 +105,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Modulated LayerNorm and a linear map from each token to its patch of noise."""
+    """Modulated LayerNorm and a linear map from each token to its patch of the prediction."""
 
     def __init__(self, dim, patch_size, out_channels):
         super().__init__()
@@ -114,7 +119,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion model with a Transformer backbone: eps = DiT(x_t, t, y)."""
+    """Diffusion model with a Transformer backbone: DiT(x_t, t, y) predicts eps (as described), v or x_0."""
 
     def __init__(self, image_size=64, patch_size=4, in_channels=3, emb_dim=64, depth=3, num_heads=6,
                  head_dim=64, mlp_ratio=4.0, freq_dim=256, num_labels=1, label_dropout=0.0, adaln_zero=True,
@@ -156,7 +161,7 @@ class DiT(nn.Module):
         w = self.x_embedder.weight.data  # the patch embedding is a linear map over a flattened patch
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)  # again: the Xavier loop overwrote them
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # Zero-out adaLN modulation so every block starts as the identity (adaLN-Zero) and
         # zero-out the output layer so the first prediction is 0: stable from step 0 at high lr.

@@ -1,4 +1,7 @@
 """bench.py: its naive model really is the same network, and its measurements still run."""
+import dataclasses
+
+import pytest
 import torch
 
 import bench
@@ -15,8 +18,10 @@ def perturbed_tiny(cfg):
     return model
 
 
-def test_naive_model_matches_fast_model_with_same_weights(tiny_cfg):
+@pytest.mark.parametrize("mlp_act", ["gelu", "relu"])
+def test_naive_model_matches_fast_model_with_same_weights(tiny_cfg, mlp_act):
     """Same parameter count, same outputs and gradients: the speed-up is a ratio of equal models."""
+    tiny_cfg = dataclasses.replace(tiny_cfg, mlp_act=mlp_act)
     fast = perturbed_tiny(tiny_cfg)
     naive = bench.naive_from(tiny_cfg, fast)
     assert sum(p.numel() for p in naive.parameters()) == sum(p.numel() for p in fast.parameters())

@@ -128,3 +128,5 @@ def test_mlp_act_relu_changes_only_the_activation(tiny_cfg):
     assert all(isinstance(b.mlp[1], torch.nn.ReLU) for b in relu.blocks)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)
     assert not torch.allclose(gelu(x, t, y), relu(x, t, y))
+    with pytest.raises(ValueError, match="mlp_act must be one of gelu, relu, got silu"):
+        tiny_dit(mlp_act="silu")  # a checkpoint from elsewhere is refused, not built with another activation
