@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: ancestral; ddim: deterministic with eta=0 (default: ddim)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps (default: 50 for ddim, max_t for ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral (default: 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     p.add_argument("--label", default="", help="label name (sub-folder of the training data) or index (default: all labels in turn)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (needs --label-dropout > 0 at training)")
