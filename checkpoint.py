@@ -4,9 +4,9 @@ A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, 
 data position, RNG states, config as a dict, class names). Each is written to a temporary file
 in the same folder, fsynced, then renamed over its final name, so a crash at any moment
 leaves either the old file or the new one (a killed writer's temp file is removed by the next
-save). `latest.pt` is a hard link to the newest `step_XXXXXXX.pt`; resuming tries the step files
-newest first, since a kill between the two renames leaves latest.pt one checkpoint behind, and
-skips any unreadable file with a warning. Loading always uses `weights_only=True`, so a file
+save). `latest.pt` is a copy of the newest `step_XXXXXXX.pt`; resuming tries the newest step file,
+then latest.pt (a kill between the two renames leaves it one checkpoint behind), then the older
+step files, and skips any unreadable file with a warning. Loading always uses `weights_only=True`, so a file
 that would run code when unpickled is refused.
 """
 import os
@@ -18,7 +18,7 @@ import warnings
 import torch
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-TEMP_FILE = re.compile(r"^\..+\.pt\.tmp(\d+)$")  # what atomic_save/_link_latest leave if killed
+TEMP_FILE = re.compile(r"^\..+\.pt\.tmp(\d+)$")  # what atomic_save/_copy_latest leave if killed
 
 
 class CheckpointError(Exception):
@@ -55,16 +55,19 @@ def atomic_save(state, path):
     _fsync_dir(folder)
 
 
-def _link_latest(folder, target):
-    """Point latest.pt at `target` atomically (hard link, or a copy where links are unsupported)."""
+def _copy_latest(folder, target):
+    """Make latest.pt a copy of `target`, atomically. A copy, not a link: a file written over or truncated
+    in place (`cp x latest.pt`, an editor) then damages latest.pt alone, never the step file."""
     tmp = os.path.join(folder, f".latest.pt.tmp{os.getpid()}")
     if os.path.lexists(tmp):
         os.remove(tmp)
     try:
+        shutil.copyfile(target, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.link(target, tmp)
-        except OSError:
-            shutil.copyfile(target, tmp)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, os.path.join(folder, "latest.pt"))
     except BaseException:
         if os.path.lexists(tmp):
@@ -97,7 +100,7 @@ def save_checkpoint(state, folder, keep_last=3, milestone_every=0):
     remove_stale_temps(folder)
     path = os.path.join(folder, f"step_{state['step']:07d}.pt")
     atomic_save(state, path)
-    _link_latest(folder, path)
+    _copy_latest(folder, path)
     prune(folder, keep_last, milestone_every)
     return path
 
@@ -120,6 +123,9 @@ def prune(folder, keep_last, milestone_every):
 
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint safely; any problem becomes a CheckpointError naming the file and the fix."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint '{path}' is a folder; pass --ckpt {os.path.join(path, 'latest.pt')} "
+                              "or another .pt file in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass --ckpt with a .pt file written by train.py")
     try:
@@ -148,16 +154,16 @@ def _refused_object(error):
     return "it holds objects other than tensors and plain data" + (f" ({detail.group(0)})" if detail else "")
 
 
-def load_latest(folder, map_location="cpu"):
+def load_latest(folder, map_location="cpu", fix="use --fresh to start over (the old files are kept aside) or another --run name"):
     """Newest readable checkpoint of a run folder as (state, path), or (None, None) if there is none.
 
     An unreadable newer file is reported and skipped; if every file is unreadable, that is an error
-    rather than a silent fresh start.
+    rather than a silent fresh start, ending in `fix`.
     """
     candidates = [path for _, path in step_files(folder)]  # newest step first: latest.pt may lag behind it
     latest = os.path.join(folder, "latest.pt")
-    if os.path.exists(latest) and not any(_same(latest, path) for path in candidates):
-        candidates.append(latest)  # a copy (no hard links) or a lone file: the last resort
+    if os.path.exists(latest) and not any(_same(latest, path) for path in candidates):  # (runs of old linked it)
+        candidates.insert(1, latest)  # the newest step or the one before it, or a lone file
     problems = []
     for path in candidates:
         try:
@@ -167,8 +173,7 @@ def load_latest(folder, map_location="cpu"):
             alias = " (= latest.pt)" if path != latest and os.path.exists(latest) and _same(latest, path) else ""
             warnings.warn(f"skipping unusable checkpoint{alias}: {e}", stacklevel=2)
     if problems:
-        raise CheckpointError(f"no readable checkpoint in '{folder}' ({', '.join(problems)}: see the warnings above); "
-                              "use --fresh to start over (the old files are kept aside) or another --run name")
+        raise CheckpointError(f"no readable checkpoint in '{folder}' ({', '.join(problems)}: see the warnings above); {fix}")
     return None, None
 
 

@@ -28,11 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: ancestral; ddim: deterministic with eta=0 (default: ddim)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps (default: 50 for ddim, max_t for ddpm)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = 50 for ddim, max_t for ddpm (default: 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     p.add_argument("--label", default="", help="label name (sub-folder of the training data) or index (default: all labels in turn)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (needs --label-dropout > 0 at training)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (needs --label-dropout > 0 at training) (default: 1)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default: on)")
     p.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--trajectory", action="store_true", help="also write trajectory.png: x_t and predicted x0 at 16 steps of the first image")
@@ -96,6 +96,8 @@ def check_args(args, cfg, model):
         raise SystemExit("error: --cfg needs a model trained with --label-dropout > 0 (this one had 0); use --cfg 1")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("error: --n and --batch-size must be >= 1")
+    if not 0.0 <= args.eta <= 1.0:
+        raise SystemExit(f"error: --eta must be between 0 (deterministic) and 1 (ancestral), got {args.eta:g}")
     return steps
 
 
@@ -121,7 +123,7 @@ def main(argv=None):
         if path:
             state = load_checkpoint(path, map_location="cpu")
         else:  # the run's newest readable checkpoint, as train.py would resume from
-            state, path = load_latest(newest_run(args.ckpt_dir))
+            state, path = load_latest(newest_run(args.ckpt_dir), fix="pass --ckpt with a readable checkpoint file")
         cfg, model = load_model(state, args.ema, device)
     except (CheckpointError, RuntimeError, KeyError, TypeError) as e:
         raise SystemExit(f"error: {e}" if isinstance(e, CheckpointError) else

@@ -14,7 +14,7 @@ and the same noise.
 `--child TRAIN_ARGS...` (internal; tests/test_robustness.py calls child_logged) runs train.main(TRAIN_ARGS)
 with hooks set by environment variables:
   KILL_TEST_PAUSE=write:K   write half of step_K's checkpoint, then hang (to be killed mid-write)
-  KILL_TEST_PAUSE=link:K    hang after step_K.pt is written, before latest.pt points at it
+  KILL_TEST_PAUSE=latest:K  hang after step_K.pt is written, before latest.pt is copied from it
   KILL_TEST_PAUSE=step:K    after step K, hang until a SIGINT/SIGTERM has been handled
   KILL_TEST_MARK=PATH       file created when the pause begins
   KILL_TEST_SLOW_WRITE=S    every checkpoint write takes about S seconds more
@@ -79,7 +79,7 @@ def child(train_args):
     slow = float(os.environ.get("KILL_TEST_SLOW_WRITE", 0))
     signalled = []
 
-    real_save, real_link, real_account = torch.save, checkpoint._link_latest, train.account
+    real_save, real_copy, real_account = torch.save, checkpoint._copy_latest, train.account
     real_handle, real_loop = train.Stopper._handle, train.run_loop
 
     def save(obj, f, *args, **kwargs):
@@ -97,10 +97,10 @@ def child(train_args):
             f.flush()
             time.sleep(slow / chunks)
 
-    def link(folder, path):
-        if kind == "link" and path.endswith(target):
+    def copy_latest(folder, path):
+        if kind == "latest" and path.endswith(target):
             _hang()
-        real_link(folder, path)
+        real_copy(folder, path)
 
     def account(r, p, out):
         real_account(r, p, out)
@@ -115,7 +115,7 @@ def child(train_args):
         _touch(os.environ.get("KILL_TEST_STARTED"))
         return real_loop(*args, **kwargs)
 
-    torch.save, checkpoint._link_latest, train.account = save, link, account
+    torch.save, checkpoint._copy_latest, train.account = save, copy_latest, account
     train.Stopper._handle, train.run_loop = handle, run_loop
     train.main(train_args)
 

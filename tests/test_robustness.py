@@ -13,6 +13,7 @@ machine) paused at exact points by the hooks of scripts/kill_test.py; the Ctrl-C
 real `python train.py`.
 """
 import errno
+import filecmp
 import multiprocessing
 import os
 import pickle
@@ -258,9 +259,9 @@ def test_sigkill_at_several_points_resumes_from_a_readable_checkpoint(straight, 
     log = kill_at("write:6", "2.log")  # so this run starts fresh (not an error) and dies writing step 6
     assert resumed_at(log) is None and "error" not in log
     assert [s for s, _ in step_files(RUN_DIR)] == [3] and len(temp_files()) == 1  # run 1's temp file was cleaned up
-    log = kill_at("link:9", "3.log")  # step_9.pt complete, latest.pt still at step 6
+    log = kill_at("latest:9", "3.log")  # step_9.pt complete, latest.pt still at step 6
     assert resumed_at(log) == ("step_0000003.pt", 3)
-    assert os.path.samefile(os.path.join(RUN_DIR, "latest.pt"), os.path.join(RUN_DIR, "step_0000006.pt"))
+    assert filecmp.cmp(os.path.join(RUN_DIR, "latest.pt"), os.path.join(RUN_DIR, "step_0000006.pt"), shallow=False)
     log = kill_at("step:11", "4.log")  # in the middle of training, mid-epoch, two steps after a checkpoint
     assert resumed_at(log) == ("step_0000009.pt", 9)  # the newest step file wins over a stale latest.pt
     run()
@@ -351,27 +352,32 @@ def test_second_ctrl_c_during_a_save_exits_130_and_loses_nothing(straight, capsy
 # checkpoint files
 
 
-def test_truncated_latest_checkpoint_is_named_and_the_previous_one_used(straight, capsys):
-    """A truncated latest.pt is reported in one warning and training resumes from the newest readable file."""
+def test_a_truncated_checkpoint_loses_no_step(straight, capsys):
+    """latest.pt is a copy, so truncating it in place leaves the step file whole (training resumes at step 6);
+    a truncated newest step file is named in one warning and its copy, latest.pt, is used instead."""
     run(steps=6)
     with open(os.path.join(RUN_DIR, "latest.pt"), "r+b") as f:
-        f.truncate(1000)  # latest.pt is a hard link: step_0000006.pt is truncated with it
-    with pytest.warns(UserWarning, match=r"\(= latest\.pt\): 'ck/tiny/step_0000006\.pt' is truncated or not a checkpoint"):
+        f.truncate(1000)
+    run(steps=7)
+    assert resumed_at(capsys.readouterr().out) == ("step_0000006.pt", 6)
+    with open(os.path.join(RUN_DIR, "step_0000007.pt"), "r+b") as f:
+        f.truncate(1000)
+    with pytest.warns(UserWarning, match=r"skipping unusable checkpoint: 'ck/tiny/step_0000007\.pt' is truncated or not a checkpoint"):
         run()
-    assert resumed_at(capsys.readouterr().out) == ("step_0000003.pt", 3)
+    assert resumed_at(capsys.readouterr().out) == ("latest.pt", 7)
     assert_same_training_state(latest(), straight)
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start():
     """When every checkpoint is unreadable, train.py stops with a clear error instead of silently starting over."""
     run(steps=6)
-    for _, path in step_files(RUN_DIR):
+    for path in [p for _, p in step_files(RUN_DIR)] + [os.path.join(RUN_DIR, "latest.pt")]:
         with open(path, "r+b") as f:
             f.truncate(100)
     before = sorted(os.listdir(RUN_DIR))
     with pytest.warns(UserWarning, match="skipping unusable checkpoint"), pytest.raises(SystemExit) as e:
         run()
-    assert str(e.value) == ("error: no readable checkpoint in 'ck/tiny' (step_0000006.pt, step_0000003.pt: see the "
+    assert str(e.value) == ("error: no readable checkpoint in 'ck/tiny' (step_0000006.pt, latest.pt, step_0000003.pt: see the "
                             "warnings above); use --fresh to start over (the old files are kept aside) or another --run name")
     assert sorted(os.listdir(RUN_DIR)) == before
 
@@ -382,7 +388,7 @@ def test_retention_keeps_the_last_k_and_the_milestones():
         save_checkpoint({"model": {"w": torch.full((2,), float(step))}, "config": {}, "step": step}, "r",
                         keep_last=2, milestone_every=5)
     assert [s for s, _ in step_files("r")] == [12, 11, 10, 5]
-    assert os.path.samefile(os.path.join("r", "latest.pt"), os.path.join("r", "step_0000012.pt"))
+    assert filecmp.cmp(os.path.join("r", "latest.pt"), os.path.join("r", "step_0000012.pt"), shallow=False)
     assert temp_files("r") == []
 
 
@@ -400,8 +406,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as e:
         if where == "step file":
             patch.setattr(checkpoint.torch, "save", full)
-        else:  # the step file is written; pointing latest.pt at it fails (no hard links, then the copy fails)
-            patch.setattr(checkpoint.os, "link", lambda a, b: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+        else:  # the step file is written; copying it to latest.pt fails
             patch.setattr(checkpoint.shutil, "copyfile", full)
         run(steps=6)
     assert str(e.value) == ("error: could not write a checkpoint to ck/tiny ([Errno 28] No space left on device); "

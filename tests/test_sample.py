@@ -72,15 +72,27 @@ def test_no_arguments_uses_newest_run(runs, monkeypatch):
 
 
 def test_no_arguments_falls_back_past_an_unreadable_checkpoint(runs, tmp_path, monkeypatch, capsys):
-    """A truncated newest checkpoint is named in a warning and the run's previous one is sampled, as train.py would."""
+    """A truncated newest checkpoint is named in a warning and its copy, latest.pt, is sampled; with that
+    truncated too, the run's previous one, as train.py would."""
     run_train(tmp_path, runs.parent / "pandas", "--run", "two", "--max-steps", 4, "--ckpt-every", 2,
               "--sample-every", 0, "--no-log-graph")
     monkeypatch.chdir(tmp_path)
-    with open("checkpoints/two/step_0000004.pt", "r+b") as f:
-        f.truncate(1000)  # latest.pt is a hard link to it: both are broken
-    with pytest.warns(UserWarning, match=r"step_0000004\.pt' is truncated"):
+    capsys.readouterr()
+    broken = []
+    for name, sampled in (("step_0000004.pt", "step 4)"), ("latest.pt", "step 2)")):
+        with open(f"checkpoints/two/{name}", "r+b") as f:
+            f.truncate(1000)
+        broken.append(name)
+        with pytest.warns(UserWarning) as record:
+            run_sample("--n", 1, "--steps", 2, "--out", "out")
+        assert [str(w.message).split("/")[-1].split("'")[0] for w in record] == broken  # each named once
+        assert sampled in capsys.readouterr().out
+    with open("checkpoints/two/step_0000002.pt", "r+b") as f:
+        f.truncate(1000)
+    with pytest.warns(UserWarning), pytest.raises(SystemExit) as e:
         run_sample("--n", 1, "--steps", 2, "--out", "out")
-    assert "step 2)" in capsys.readouterr().out
+    assert str(e.value).startswith("error: no readable checkpoint in ") and str(e.value).endswith(
+        "(step_0000004.pt, latest.pt, step_0000002.pt: see the warnings above); pass --ckpt with a readable checkpoint file")
 
 
 def test_unwritable_output_folder_is_a_clear_error(plain, tmp_path):
@@ -154,12 +166,16 @@ def test_guidance_needs_label_dropout(runs, plain, tmp_path):
 
 
 def test_steps_default_and_bounds(plain, tmp_path, capsys):
-    """--steps 0 means the sampler's default (max_t for ddpm); > max_t or negative is a clear error."""
+    """--steps 0 means the sampler's default (max_t for ddpm); > max_t or negative is a clear error, so is
+    an --eta outside [0, 1]."""
     run_sample("--ckpt", plain, "--sampler", "ddpm", "--n", 1, "--out", tmp_path)
     assert "ddpm-1000" in capsys.readouterr().out  # the tiny preset's max_t
     for bad in (1001, -2):
         message = error_of("--ckpt", plain, "--steps", bad, "--out", tmp_path)
         assert "--steps" in message and "max_t=1000" in message and str(bad) in message
+    for bad in (-0.5, 1.5):  # above 1 more noise than the posterior has: no longer a DDIM step
+        assert error_of("--ckpt", plain, "--eta", bad, "--out", tmp_path) == \
+            f"error: --eta must be between 0 (deterministic) and 1 (ancestral), got {bad:g}"
 
 
 def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
@@ -179,6 +195,7 @@ def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
         assert str(path) in message, message
         assert "Traceback" not in message
     assert "does not exist" in error_of("--ckpt", missing)
+    assert error_of("--ckpt", tmp_path) == f"error: checkpoint '{tmp_path}' is a folder; pass --ckpt {tmp_path}/latest.pt or another .pt file in it"
     assert "refused" in error_of("--ckpt", unsafe)
 
 
