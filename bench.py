@@ -567,7 +567,7 @@ def print_table(report):
     width = max(map(len, labels), default=0) + 2
     widths = [max(len(h), *(len(v) for v in col.values())) + 2 for h, col in zip(heads, cols)]
     print(f"\nbench.py {report['mode']} on {m['device']} ({m['gpu'] or m['cpu']}), {m['cores']} CPU cores, "
-          f"torch {m['torch']} with {m['threads']} threads; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
+          f"torch {m['torch']} with {m['threads']} thread{'s' if m['threads'] != 1 else ''}; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
     print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
                                                              for k, v in m["peak"].items()))
     print(" " * width + "".join(h.ljust(w) for h, w in zip(heads, widths)))
@@ -601,6 +601,7 @@ def main(argv=None):
     if args.child:
         print(RESULT + json.dumps(child_train(json.loads(args.child))), flush=True)
         return
+    groups = arch_groups([p for p in args.presets.split(",") if p])  # an unknown preset stops here, not minutes later
     import train
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -610,7 +611,7 @@ def main(argv=None):
     peak, precision = peaks(device, mode["peak"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data = data_folder(args, mode["data_limit"], tmp)
-        for names, batch in arch_groups([p for p in args.presets.split(",") if p]):
+        for names, batch in groups:
             report["archs"].append(bench_arch(names, batch, args, mode, device, data, tmp))
     for r in report["archs"]:  # the best peak seen anywhere in the run: MFU is never flattered by a slow moment
         peak = {k: max(v, r["fast"].get("peak", {}).get(k, 0)) for k, v in peak.items()}

@@ -143,12 +143,13 @@ def add_config_flags(parser):
     """One flag per Config field; unset flags stay absent so presets can fill them."""
     for f in dataclasses.fields(Config):
         flags = ["--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ())]
-        help_text = f.metadata["help"] + f" (default: {f.default})"
+        help_text = f.metadata["help"] + ("" if "(default:" in f.metadata["help"] else f" (default: {f.default})")
         if f.type in (bool, "bool"):
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+            parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
+                                choices=CHOICES.get(f.name), metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else f.name.upper())
 
 
 # torchrun takes `--run` for an abbreviation of its own --run-path: `--run-name` gets past it.

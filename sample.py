@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 
 import torch
 from torchvision.utils import make_grid, save_image
@@ -150,4 +151,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line, no source line
     main()

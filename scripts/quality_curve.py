@@ -32,8 +32,8 @@ from train import parse_args as parse_train_args  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                usage="%(prog)s [--minutes M ...] [--n N] [--steps S] -- TRAIN_FLAGS")
-    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20], help="cumulative training minutes to measure at")
+                                usage="%(prog)s [--minutes M ... | --at-steps N ...] [options] -- TRAIN_FLAGS")
+    p.add_argument("--minutes", type=float, nargs="+", default=[5, 10, 20], help="cumulative training minutes to measure at (default: 5 10 20)")
     p.add_argument("--at-steps", type=int, nargs="+", default=None,
                    help="measure at these cumulative steps instead of minutes (immune to a busy machine)")
     p.add_argument("--n", type=int, default=256, help="images sampled per measurement (default: 256)")

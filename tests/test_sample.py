@@ -1,6 +1,8 @@
 """sample.py from real (tiny) checkpoints: files written, determinism, labels, guidance, and clear errors."""
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from PIL import Image
 import checkpoint
 import diffusion
 import sample
-from conftest import make_pandas, run_train
+from conftest import ROOT, make_pandas, run_train
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,21 @@ def test_no_arguments_falls_back_past_an_unreadable_checkpoint(runs, tmp_path, m
         run_sample("--n", 1, "--steps", 2, "--out", "out")
     assert str(e.value).startswith("error: no readable checkpoint in ") and str(e.value).endswith(
         "(step_0000004.pt, latest.pt, step_0000002.pt: see the warnings above); pass --ckpt with a readable checkpoint file")
+
+
+def test_a_warning_is_one_line_on_the_command_line(runs, tmp_path):
+    """Run as a command, a skipped checkpoint is one `warning:` line, not Python's file:line, category and source line."""
+    run_train(tmp_path, runs.parent / "pandas", "--run", "w", "--max-steps", 2, "--ckpt-every", 1,
+              "--sample-every", 0, "--no-log-graph")
+    with open(tmp_path / "checkpoints/w/step_0000002.pt", "r+b") as f:
+        f.truncate(1000)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--n", "1", "--steps", "2", "--out", "out",
+                           "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    named = [line for line in proc.stderr.splitlines() if "step_0000002.pt" in line]
+    assert len(named) == 1 and named[0].startswith(
+        "warning: skipping unusable checkpoint: 'checkpoints/w/step_0000002.pt' is truncated or not a checkpoint")
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
 
 
 def test_unwritable_output_folder_is_a_clear_error(plain, tmp_path):
