@@ -297,7 +297,8 @@ def test_v_prediction_loss_regresses_v():
 @pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 1000)])
 def test_x0_prediction_samples_and_trains_on_the_implied_v(sampler, steps):
     """An x0 model's output is the clean image: the sampler lands on it, and the loss is taken on the v it
-    implies, so the exact x0 scores 0 and any other output is scored against v, not against x0."""
+    implies, so the exact x0 scores 0 (below t = 11 a documented extrapolation of it does) and any other
+    output is scored against v, not against x0."""
     x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
     y = torch.zeros(2, dtype=torch.long)
     exact = lambda x, t, y: x0[:x.shape[0]]  # noqa: E731
@@ -307,9 +308,15 @@ def test_x0_prediction_samples_and_trains_on_the_implied_v(sampler, steps):
                                x0, atol=1e-4, rtol=0)
     loss, out, target = d.training_loss(exact, x0, y)
     assert loss < 1e-8
-    d.max_t = 11  # draw only t < 11, where sqrt(1 - alpha-bar) < 0.05 and the weight is capped
+    d.max_t = 11  # draw only t < 11, where sqrt(1 - alpha-bar) < 0.05 is capped in the output's conversion:
+
+    def extrapolated(x, t, y):  # there the loss is 0 for x_0 + (k - 1)(x_0 - sqrt(alpha-bar) x_t), k = 0.05 / sigma
+        sigma, root = d.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1), d.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+        return x0 + (0.05 / sigma - 1) * (x0 - root * x)
+
     for seed in range(5):
-        assert d.training_loss(exact, x0, y, torch.Generator().manual_seed(seed))[0] < 1e-8
+        g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+        assert d.training_loss(extrapolated, x0, y, g())[0] < 1e-8 < d.training_loss(exact, x0, y, g())[0]
     d.max_t = T
     torch.manual_seed(0)
     loss, out, target = d.training_loss(lambda x, t, y: torch.zeros_like(x), x0, y)
@@ -317,9 +324,8 @@ def test_x0_prediction_samples_and_trains_on_the_implied_v(sampler, steps):
     t, noise = torch.randint(0, T, (2,)), torch.randn(x0.shape)
     a = torch.tensor([ABAR[i] for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()
-    sigma = (1 - a).sqrt().clamp(min=0.05)
-    close(target, (a.sqrt() * x_t - x0.double()) / sigma)  # v where sigma >= 0.05
-    close(out, a.sqrt() * x_t / sigma)  # v implied by x0 = 0
+    close(target, a.sqrt() * noise.double() - (1 - a).sqrt() * x0.double())
+    close(out, a.sqrt() * x_t / (1 - a).sqrt().clamp(min=0.05))  # v implied by x0 = 0
 
 
 def test_cosine_schedule_matches_nichol_dhariwal():
