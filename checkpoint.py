@@ -6,8 +6,8 @@ in the same folder, fsynced, then renamed over its final name, so a crash at any
 leaves either the old file or the new one (a killed writer's temp file is removed by the next
 save). `latest.pt` is a copy of the newest `step_XXXXXXX.pt`; resuming tries the newest step file,
 then latest.pt (a kill between the two renames leaves it one checkpoint behind), then the older
-step files, and skips any unreadable file with a warning. Loading always uses `weights_only=True`, so a file
-that would run code when unpickled is refused.
+step files, and skips any unreadable file with a warning. Loading always uses `weights_only=True`,
+so a file that would run code when unpickled is refused.
 """
 import os
 import pickle

@@ -149,7 +149,7 @@ def add_config_flags(parser):
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(*flags, dest=f.name, type=kind, default=argparse.SUPPRESS, help=help_text,
-                                choices=CHOICES.get(f.name), metavar="{" + ",".join(CHOICES[f.name]) + "}" if f.name in CHOICES else f.name.upper())
+                                choices=CHOICES.get(f.name), metavar=None if f.name in CHOICES else f.name.upper())
 
 
 # torchrun takes `--run` for an abbreviation of its own --run-path: `--run-name` gets past it.
