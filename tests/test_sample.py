@@ -213,6 +213,11 @@ def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
         assert "Traceback" not in message
     assert "does not exist" in error_of("--ckpt", missing)
     assert error_of("--ckpt", tmp_path) == f"error: checkpoint '{tmp_path}' is a folder; pass --ckpt {tmp_path}/latest.pt or another .pt file in it"
+    other_act = tmp_path / "silu.pt"  # a config value this code does not know is refused, not replaced by a default
+    state = torch.load(plain, weights_only=True)
+    torch.save({**state, "config": {**state["config"], "mlp_act": "silu"}}, other_act)
+    assert error_of("--ckpt", other_act) == (f"error: '{other_act}' does not match this project's model "
+                                             "(mlp_act must be one of gelu, relu, got silu); pass a checkpoint written by train.py")
     assert "refused" in error_of("--ckpt", unsafe)
 
 
