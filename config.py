@@ -184,10 +184,8 @@ def check_config(cfg):
         problems.append(f"hybrid_t must be in [0, max_t={cfg.max_t}], not {cfg.hybrid_t}")
     if min(cfg.batch_size, cfg.max_t, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.emb_dim) < 1:
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
-    if cfg.eval_every < 0 or cfg.eval_n < 1 or cfg.eval_steps < 1 or cfg.holdout < 0:
-        problems.append("eval_every and holdout must be >= 0, eval_n and eval_steps >= 1")
-    if cfg.sample_steps < 1:
-        problems.append("sample_steps must be >= 1")
+    if cfg.eval_every < 0 or cfg.holdout < 0 or min(cfg.eval_n, cfg.eval_steps, cfg.sample_steps) < 1:
+        problems.append("eval_every and holdout must be >= 0, eval_n, eval_steps and sample_steps >= 1")
     if not (cfg.lr > 0 and cfg.mlp_ratio > 0):
         problems.append("lr and mlp_ratio must be > 0")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -126,10 +126,11 @@ def main(argv=None):
         else:  # the run's newest readable checkpoint, as train.py would resume from
             state, path = load_latest(newest_run(args.ckpt_dir), fix="pass --ckpt with a readable checkpoint file")
         cfg, model = load_model(state, args.ema, device)
-    except (CheckpointError, RuntimeError, KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}" if isinstance(e, CheckpointError) else
-                         f"error: '{path}' does not match this project's model ({e if isinstance(e, ValueError) else type(e).__name__}); "
-                         "pass a checkpoint written by train.py")
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # a ValueError says what it refused
+        detail = e if isinstance(e, ValueError) else type(e).__name__
+        raise SystemExit(f"error: '{path}' does not match this project's model ({detail}); pass a checkpoint written by train.py")
     classes = state.get("classes") or [str(i) for i in range(cfg.num_labels)]
     steps = check_args(args, cfg, model)
     label = parse_label(args.label, classes)
