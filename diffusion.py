@@ -103,7 +103,7 @@ class Diffusion:
             # The cap is on the output's conversion only: below it (t < 11 on the linear schedule) the target
             # stays the true v, so there the model learns x_0 + (k - 1)(x_0 - sqrt(alpha-bar) x_t), k = 0.05 /
             # sqrt(1 - alpha-bar), up to 5 at t = 0: the last DDIM step over-denoises, a sharpening. Capping the
-            # target too (the exact x_0 scoring 0) measured 3 worse on cartoon48 (docs/experiments.md).
+            # target too (the exact x_0 scoring 0) measured ~1 worse on cartoon48 (docs/experiments.md).
             sigma = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t).clamp(min=0.05)
             out = (self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - out.float()) / sigma
         per_sample = self.per_sample_loss(out.float(), target, t)
