@@ -186,13 +186,31 @@ def _same(a, b):
 
 def check_writable(*folders, fix):
     """Create each folder and write a 4 KB probe into it, so a read-only or full disk stops a command
-    before its work, not at its first save; `fix` ends the one-line error."""
+    before its work, not at its first save; `fix` ends the one-line error. Returns the folders it
+    created (parents first), for `remove_empty` if the command then fails before writing anything."""
+    created = []
     for folder in folders:
         try:
+            missing = []
+            path = os.path.abspath(folder)
+            while not os.path.exists(path):
+                missing.insert(0, path)
+                path = os.path.dirname(path)
             os.makedirs(folder, exist_ok=True)
+            created += missing
             probe = os.path.join(folder, f".write_test{os.getpid()}")
             with open(probe, "wb") as f:
                 f.write(b"0" * 4096)
             os.remove(probe)
         except OSError as e:
             raise SystemExit(f"error: cannot write to '{folder}' ({e.strerror}); {fix}") from None
+    return created
+
+
+def remove_empty(folders):
+    """Remove those of `folders` that are still empty, innermost first; the others stay."""
+    for folder in reversed(folders):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass

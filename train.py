@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, atomic_save, check_writable, load_latest, save_checkpoint
+from checkpoint import CheckpointError, atomic_save, check_writable, load_latest, remove_empty, save_checkpoint
 from config import ARCH_FIELDS, PRESETS, Config, add_config_flags, build_config, config_from_dict
 from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, generate_pandas, make_loader
 from diffusion import make_diffusion
@@ -431,13 +431,14 @@ def main(argv=None):
     overrides, fresh = parse_args(argv)
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
     r = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
+    created, started = [], False  # run folders this call made: removed again if it fails before training
     try:
         cfg, state = resolve_config(overrides, fresh, rank)
         device = select_device(cfg.device, local_rank, cfg.amp)
         run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
         if rank == 0:  # before minutes of decoding images, not after
-            check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run),
-                           fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
+            created = check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run),
+                                     fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
         data = load_data(cfg, rank)
         cfg.num_labels = len(data.classes)
         random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
@@ -455,10 +456,13 @@ def main(argv=None):
         say("interrupted before training started; nothing to save")
         raise SystemExit(130)
     else:
+        started = True
         run_loop(r, progress)
     finally:
         if r is not None:
             r.log.close()
+        if not started:
+            remove_empty(created)
     if distributed():
         dist.destroy_process_group()
 

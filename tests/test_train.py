@@ -129,6 +129,17 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     assert e.value.code not in (0, None)
     assert str(missing) in str(e.value.code) and "does not exist" in str(e.value.code)
     assert not missing.exists()  # nothing is generated for an explicit folder
+    # nor left behind: the run folders made for the write check are removed again, so the run's name is free
+    assert sorted(os.listdir(tmp_path / "work")) == []
+
+
+def test_failed_start_keeps_folders_it_did_not_make(tmp_path):
+    """A failed start removes only the empty folders it created itself: an existing run folder stays."""
+    (tmp_path / "work" / "checkpoints" / "tiny").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        run_train(tmp_path / "work", tmp_path / "no_such_pandas", "--max-steps", 1)
+    assert sorted(os.listdir(tmp_path / "work")) == ["checkpoints"]
+    assert os.listdir(tmp_path / "work" / "checkpoints") == ["tiny"]
 
 
 def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, capsys):
