@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from dataset import DataError, find_images, load_image
 
 EVAL_SIZE = 64  # training measures SWD at 64 px (samples are resized), so presets are comparable
+# The starting noise of the samples every SWD measurement draws (train.py's --eval-every, the first set of
+# scripts/quality_curve.py): one checkpoint gets one figure, and runs are compared on the same noise.
+EVAL_NOISE_SEED = 1234
 SHEETS = ("grid.png", "trajectory.png")  # sample.py's composites, not samples: skipped in FAKE_DIR
 
 

@@ -568,7 +568,7 @@ def evaluate(r, p):
     if r.rank != 0:
         return
     model, size, chunk = r.ema or r.model, cfg.image_size, cfg.batch_size
-    noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(cfg.seed + 3))
+    noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
     y = torch.arange(cfg.eval_n) % len(r.data.classes)
     was_training = model.training
     model.eval()
@@ -576,7 +576,7 @@ def evaluate(r, p):
     fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, "ddim", min(cfg.eval_steps, cfg.max_t))
     model.train(was_training)
     try:
-        result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files, seed=cfg.seed)
+        result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files)
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return

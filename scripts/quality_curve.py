@@ -62,7 +62,7 @@ def parse_args(argv=None):
 def measure(state, n, steps, noise_sets=1):
     """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
     run's reference photos; with noise_sets > 1, the mean over that many sets of n, each from other
-    starting noise (seeds 1234, 1235, ...), with each set's mean under "sets". Returns it and the first set."""
+    starting noise (seeds metrics.EVAL_NOISE_SEED + 0, 1, ...; the first is --eval-every's), with each set's mean under "sets". Returns it and the first set."""
     device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
@@ -71,7 +71,7 @@ def measure(state, n, steps, noise_sets=1):
     y = torch.arange(n) % cfg.num_labels
     results = []
     for k in range(noise_sets):
-        noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(1234 + k))
+        noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED + k))
         fake = diffusion.sample_batches(model, noise, y, 64, device, "ddim", steps)
         results.append(metrics.score_samples(fake, data_dir, cfg.holdout, train_files)[0])
         if k == 0:

@@ -121,6 +121,11 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
     best = torch.load(tmp_path / "checkpoints" / "q" / "best.pt", weights_only=True)
     assert best["best_swd"] == pytest.approx(min(swds.values()), rel=1e-5)
     assert best["step"] == min(swds, key=swds.get) and "model" in best and "ema" in best
+    # the same figure as scripts/quality_curve.py's (first set) for the same checkpoint: same noise, same projections
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from quality_curve import load_checkpoint, measure
+    last = load_checkpoint(str(tmp_path / "checkpoints" / "q" / "latest.pt"))
+    assert last["step"] == 6 and measure(last, 4, 2)[0]["mean"] == pytest.approx(swds[6], rel=1e-4)
     held = sorted(os.listdir(data))[-4:]
     trained = "".join(open(os.path.join(tmp_path, "cache", f)).read() for f in os.listdir(tmp_path / "cache") if f.endswith(".files"))
     assert trained.count(".png") == 8 and not any(name in trained for name in held)
