@@ -37,7 +37,7 @@ class Config:
     num_heads: int = knob(6, "attention heads per block")
     head_dim: int = knob(64, "width of each head (may exceed emb_dim / num_heads)")
     mlp_ratio: float = knob(4.0, "MLP hidden width = mlp_ratio * emb_dim")
-    mlp_act: str = knob("gelu", "MLP activation: gelu (exact; DiT's) or relu (cheaper on a CPU: ~5%% less time per step of the CPU presets)")
+    mlp_act: str = knob("gelu", "MLP activation: gelu (as in DiT, in its exact form) or relu (cheaper on a CPU: ~5%% less time per step of the CPU presets)")
     freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
     num_labels: int = knob(1, "number of labels (overridden by the data: one per sub-folder)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")

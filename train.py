@@ -234,7 +234,7 @@ class Stopper:
         if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
             self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *args: None)  # not SIG_DFL: a
             # SIGCHLD already pending would then print "ignored due to race condition"
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (a second signal quits at once)")
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (a second Ctrl-C quits at once)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,14 +32,14 @@ def load_scalars(run_dir):
     """{tag: (steps, values)} for every scalar tag, merged over all event files in run_dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     if not os.path.isdir(run_dir):
-        raise SystemExit(f"plot_loss: {run_dir} is not a folder; pass a run folder such as dit_training/<run>.")
+        raise SystemExit(f"error: {run_dir} is not a folder; pass a run folder such as dit_training/<run>.")
     acc = EventAccumulator(run_dir, size_guidance={"scalars": 0}).Reload()  # 0 = keep every point
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = sorted(acc.Scalars(tag), key=lambda e: e.step)
         out[tag] = ([e.step for e in events], [e.value for e in events])
     if not any(tag in out for tag, *_ in LOSSES):
-        raise SystemExit(f"plot_loss: no Loss/batch or Loss/epoch scalars in {run_dir}; pass a run folder "
+        raise SystemExit(f"error: no Loss/batch or Loss/epoch scalars in {run_dir}; pass a run folder "
                          "written by train.py, such as dit_training/<run>.")
     return out
 
@@ -72,13 +72,13 @@ def font(size):
     try:
         return ImageFont.load_default(size=size)
     except TypeError:
-        raise SystemExit("plot_loss: needs Pillow >= 10.1 for sized text; run `pip install -U pillow`.") from None
+        raise SystemExit("error: needs Pillow >= 10.1 for sized text; run `pip install -U pillow`.") from None
 
 
 def y_axis(ys, log_y, ylabel):
     """(limits, ticks) for the value axis: the data range plus 4% each side, round ticks inside it."""
     if log_y and min(ys) <= 0:
-        raise SystemExit(f"plot_loss: --log-y needs positive values, but {ylabel} reaches {min(ys):g}; drop --log-y.")
+        raise SystemExit(f"error: --log-y needs positive values, but {ylabel} reaches {min(ys):g}; drop --log-y.")
     f, inv = (math.log10, lambda v: 10 ** v) if log_y else (float, float)
     lo, hi = f(min(ys)), f(max(ys))
     pad = (hi - lo) * 0.04 or (0.05 if log_y else abs(hi) * 0.1 or 1)  # a flat line still gets a range
@@ -154,7 +154,7 @@ def draw_legend(d, box, series, fnt):
 def main(argv=None):
     args = parse_args(argv)
     if args.width < 300 or args.height < 200:
-        raise SystemExit(f"plot_loss: {args.width}x{args.height} px leaves no room for labels; "
+        raise SystemExit(f"error: {args.width}x{args.height} px leaves no room for labels; "
                          "use at least --width 300 --height 200.")
     scalars = load_scalars(args.run_dir)
     run = os.path.basename(os.path.normpath(args.run_dir))
