@@ -62,7 +62,8 @@ def parse_args(argv=None):
 def measure(state, n, steps, noise_sets=1):
     """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
     run's reference photos; with noise_sets > 1, the mean over that many sets of n, each from other
-    starting noise (seeds metrics.EVAL_NOISE_SEED + 0, 1, ...; the first is --eval-every's), with each set's mean under "sets". Returns it and the first set."""
+    starting noise (seeds metrics.EVAL_NOISE_SEED + 0, 1, ...; the first is train.py's --eval-every noise),
+    with each set's mean under "sets". Returns it and the first set."""
     device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
