@@ -42,6 +42,12 @@ class Config:
     num_labels: int = knob(1, "number of labels (overridden by the data: one per sub-folder)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
     adaln_zero: bool = knob(True, "zero-init the adaLN gates and the output layer so each block starts as identity")
+    # --- token routing (TREAD, Krause et al. 2025): training only, no weights of its own ---
+    route_ratio: float = knob(0.0, "share of each image's tokens, drawn at random every step, that skip blocks route_start.."
+                                   "route_end-1 in training and rejoin unchanged; sampling always uses every token (0 = off)")
+    route_start: int = knob(1, "with --route-ratio: the first block the routed tokens skip")
+    route_end: int = knob(-1, "with --route-ratio: the block before which the routed tokens rejoin; negative counts "
+                              "from the end (-1 = the last block, depth = after it)")
     # --- diffusion ---
     max_t: int = knob(1000, "diffusion steps T")
     noise_schedule: str = knob("linear", "beta schedule: linear (as described) or cosine (Nichol & Dhariwal 2021; ignores beta_start/end)")
@@ -195,8 +201,23 @@ def check_config(cfg):
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
+    problems += route_problems(cfg)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def route_problems(cfg):
+    """What is wrong with the routing fields (nothing to check about the span while routing is off)."""
+    if not 0.0 <= cfg.route_ratio < 1.0:
+        return ["route_ratio must be in [0, 1) (0 = routing off)"]
+    end = cfg.route_end if cfg.route_end >= 0 else cfg.depth + cfg.route_end
+    tokens = (cfg.image_size // max(cfg.patch_size, 1)) ** 2
+    if cfg.route_ratio > 0 and not 0 <= cfg.route_start < end <= cfg.depth:
+        return [f"route_start {cfg.route_start} and route_end {cfg.route_end} name no span of blocks in a depth-{cfg.depth} "
+                f"model; pass 0 <= --route-start < --route-end <= {cfg.depth} (a negative --route-end counts from the end)"]
+    if cfg.route_ratio > 0 and round(tokens * (1 - cfg.route_ratio)) < 1:
+        return [f"route_ratio {cfg.route_ratio} routes all {tokens} tokens past the middle blocks; lower --route-ratio"]
+    return []
 
 
 def terminal_alpha_bar(cfg):

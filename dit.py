@@ -123,10 +123,15 @@ class DiT(nn.Module):
 
     def __init__(self, image_size=64, patch_size=4, in_channels=3, emb_dim=64, depth=3, num_heads=6,
                  head_dim=64, mlp_ratio=4.0, freq_dim=256, num_labels=1, label_dropout=0.0, adaln_zero=True,
-                 mlp_act="gelu"):
+                 mlp_act="gelu", route_ratio=0.0, route_start=1, route_end=-1):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         self.grid = image_size // patch_size
+        # token routing (TREAD): no weights of its own, so a run may resume with it on or off
+        self.route_ratio, self.route_start = route_ratio, route_start
+        self.route_end = route_end if route_end >= 0 else depth + route_end  # negative counts from the end
+        if route_ratio > 0 and not 0 <= route_start < self.route_end <= depth:  # check_config refuses it for training
+            raise ValueError(f"routing needs 0 <= route_start < route_end <= depth={depth}, got {route_start}, {route_end}")
         self.x_embedder = nn.Conv2d(in_channels, emb_dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, emb_dim))  # learnable
         self.t_embedder = TimestepEmbedder(emb_dim, freq_dim)
@@ -139,7 +144,7 @@ class DiT(nn.Module):
     def from_config(cls, cfg):
         return cls(cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.emb_dim, cfg.depth, cfg.num_heads,
                    cfg.head_dim, cfg.mlp_ratio, cfg.freq_dim, cfg.num_labels, cfg.label_dropout, cfg.adaln_zero,
-                   cfg.mlp_act)
+                   cfg.mlp_act, cfg.route_ratio, cfg.route_start, cfg.route_end)
 
     @property
     def null_label(self):
@@ -191,10 +196,30 @@ class DiT(nn.Module):
         # the conv's (N, D, T) order, and every LayerNorm and Linear after it would copy or stride
         x = self.pos_embed + self.x_embedder(x).flatten(2).transpose(1, 2)  # (N, T, D), contiguous
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        for block in self.blocks:
+        start, end = self.route_span()  # the blocks routed tokens skip; (0, 0): none
+        for block in self.blocks[:start]:
+            x = block(x, c)  # (N, T, D)
+        x = self.routed(self.blocks[start:end], x, c)  # (N, T, D)
+        for block in self.blocks[end:]:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C)
         return self.unpatchify(x)  # (N, C, H, W)
+
+    def route_span(self):
+        """Blocks [start, end) that routed tokens skip: in training with route_ratio > 0, else none."""
+        return (self.route_start, self.route_end) if self.training and self.route_ratio > 0 else (0, 0)
+
+    def routed(self, blocks, x, c):
+        """Run blocks on a random round(T * (1 - route_ratio)) tokens per image; the rest skip them unchanged."""
+        if not blocks:  # no draw from the RNG: without routing a run is bit-identical to one without the feature
+            return x
+        N, T, D = x.shape
+        keep = round(T * (1 - self.route_ratio))
+        idx = torch.rand(N, T, device=x.device).argsort(dim=1)[:, :keep, None].expand(N, keep, D)  # (N, K, D)
+        kept = x.gather(1, idx)  # (N, K, D), position embedding included: each token still knows its place
+        for block in blocks:
+            kept = block(kept, c)  # (N, K, D)
+        return x.scatter(1, idx, kept)  # (N, T, D): kept tokens processed, routed ones as they left
 
 
 def sincos_2d(dim, grid):
