@@ -94,7 +94,8 @@ class Config:
     device: str = knob("auto", "auto, cpu, cuda, cuda:1, ...")
     seed: int = knob(0, "seed for weights, data order, noise")
     compile: bool = knob(False, "torch.compile the model (slow first step)")
-    amp: bool = knob(True, "bf16 autocast and TF32 matmuls on CUDA (no effect on CPU)")
+    amp: bool = knob(True, "bf16 autocast where it is faster: on CUDA (with TF32 matmuls) and on CPUs whose bf16 matmuls beat fp32 "
+                             "(AVX512-BF16/AMX, probed at start); weights, optimizer and checkpoints stay fp32; --no-amp = fp32")
 
 
 # Presets: overrides of the defaults above. Explained in README.md.
