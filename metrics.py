@@ -1,17 +1,24 @@
-"""Sliced Wasserstein distance (SWD) between two sets of images, as in Karras et al. 2018.
+"""Image quality of samples against real images: SWD, its real-vs-real floor, KID/FID, memorisation.
 
-    python metrics.py REAL_DIR FAKE_DIR --size 64 --n 256
-    python metrics.py REAL_DIR --calibrate --holdout 100     # what real, blurred and noise score
+    python metrics.py REAL_DIR FAKE_DIR                      # SWD x1e3, both image counts
+    python metrics.py REAL_DIR FAKE_DIR --calibrate --kid --fid --memorisation
+    python metrics.py REAL_DIR --calibrate --n 100 --n-fake 256   # the floor for 256 samples vs 100 photos
 
-"Progressive Growing of GANs", section 5 and appendix D. Each image becomes a Laplacian
-pyramid (5-tap binomial filter) from full size down to 16 px: every level but the coarsest
-is a band-pass image, the coarsest is the low-pass image itself. From each level 128 random
-7x7 neighbourhoods per image give 3 * 7 * 7 = 147-dim descriptors. Each set's descriptors
-are normalised per channel by that set's own mean and std, as in the paper (so a set's
-global colour cast or contrast is not what is measured: structure at each scale is). The
-distance between two descriptor sets is the 1-D Wasserstein-1 distance of their projections
-on random unit directions (sorted projections matched in order), averaged over 4 x 128
-directions. Reported x1e3 per level (finest first) and as the mean; lower is better.
+SWD (sliced Wasserstein distance), as in Karras et al. 2018, "Progressive Growing of GANs",
+section 5 and appendix D. Each image becomes a Laplacian pyramid (5-tap binomial filter) from
+full size down to 16 px: every level but the coarsest is a band-pass image, the coarsest is the
+low-pass image itself. From each level 128 random 7x7 neighbourhoods per image give
+3 * 7 * 7 = 147-dim descriptors. Each set's descriptors are normalised per channel by that
+set's own mean and std, as in the paper (so a set's global colour cast or contrast is not what
+is measured: structure at each scale is). The distance between two descriptor sets is the 1-D
+Wasserstein-1 distance of their projections on random unit directions (sorted projections
+matched in order), averaged over 4 x 128 directions. Reported x1e3 per level (finest first) and
+as the mean; lower is better. SWD falls as the image counts grow, so a figure means something
+only beside its counts and beside the floor: two disjoint sets of real images at the same counts.
+
+KID and FID (Binkowski et al. 2018, Heusel et al. 2017) are the field's figures: torchmetrics'
+arithmetic on torch-fidelity's InceptionV3 pool features (requirements-eval.txt). At a few
+hundred images KID is the one to read: unbiased, where FID is biased upwards at small counts.
 """
 import argparse
 import functools
@@ -110,7 +117,8 @@ def _as_float(images, name):
 def swd(real, fake, seed=0, nhoods=128, repeats=4, dirs=128, min_res=16, norm="set"):
     """SWD x1e3 between two image sets (N, C, H, W), uint8 or float (any range: see `norm`).
 
-    Returns {'levels': [per level, finest first], 'resolutions': [H, H/2, ...], 'mean': float}.
+    Returns {'levels': [per level, finest first], 'resolutions': [H, H/2, ...], 'mean': float,
+    'n_real': len(real), 'n_fake': len(fake)}: SWD depends on the counts, so they travel with it.
     norm='set' (the paper): each set standardised by its own per-channel mean/std, so a
     constant colour cast or contrast change per set is ignored; norm='union': both sets by
     the statistics of their union, so such shifts count too.
@@ -135,7 +143,8 @@ def swd(real, fake, seed=0, nhoods=128, repeats=4, dirs=128, min_res=16, norm="s
         gen = torch.Generator().manual_seed(seed * 7919 + 1000 + i)
         levels.append(1e3 * sliced_wasserstein(dr, df, gen, repeats, dirs))
         resolutions.append(lr.shape[-1])
-    return {"levels": levels, "resolutions": resolutions, "mean": sum(levels) / len(levels)}
+    return {"levels": levels, "resolutions": resolutions, "mean": sum(levels) / len(levels),
+            "n_real": len(real), "n_fake": len(fake)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,17 +168,23 @@ def holdout_split(files, n_holdout):
 
 def load_images(paths, size):
     """Decode files to a uint8 tensor (N, 3, size, size) (dataset.load_image); unreadable files are skipped."""
-    images, bad = [], []
+    return load_images_and_paths(paths, size)[0]
+
+
+def load_images_and_paths(paths, size):
+    """load_images, and the paths of the images it returns (the unreadable ones left out), in order."""
+    images, kept, bad = [], [], []
     for path in paths:
         try:
             images.append(torch.frombuffer(bytearray(load_image(path, size).tobytes()), dtype=torch.uint8))
+            kept.append(path)
         except Exception as e:  # corrupt, truncated, not an image...
             bad.append(f"{os.path.basename(path)} ({type(e).__name__})")
     if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s), e.g. {', '.join(bad[:3])}", stacklevel=2)
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s), e.g. {', '.join(bad[:3])}", stacklevel=3)
     if not images:
         raise DataError(f"none of the {len(paths)} image files could be read")
-    return torch.stack(images).view(-1, size, size, 3).permute(0, 3, 1, 2).contiguous()
+    return torch.stack(images).view(-1, size, size, 3).permute(0, 3, 1, 2).contiguous(), kept
 
 
 @functools.lru_cache(maxsize=4)
@@ -196,22 +211,29 @@ def reference_paths(data_dir, holdout, train_files, n):
     return [files[i * len(files) // min(n, len(files))] for i in range(min(n, len(files)))]
 
 
-def score_samples(fake, data_dir, holdout, train_files, seed=0):
+def sample_files(folder):
+    """A folder's images less sample.py's composite sheets."""
+    return [f for f in folder_files(folder) if os.path.basename(f) not in SHEETS]
+
+
+def score_samples(fake, data_dir, holdout, train_files, seed=0, norm="set"):
     """SWD at EVAL_SIZE of samples in [-1, 1] against a run's reference files (`reference_paths`);
-    returns the result and how many reference images it used."""
+    returns the result (its 'n_real' and 'n_fake' are the counts) and how many reference images it used."""
     paths = reference_paths(data_dir, holdout, train_files, len(fake))
-    return swd(reference_images(tuple(paths), EVAL_SIZE), to_uint8(fake), seed=seed), len(paths)
+    result = swd(reference_images(tuple(paths), EVAL_SIZE), as_saved_png(fake), seed=seed, norm=norm)
+    return result, result["n_real"]
 
 
-def to_uint8(images, size=EVAL_SIZE):
-    """Samples in [-1, 1] (N, C, h, w) -> [0, 255] values at size x size, rounded like a saved PNG.
+def as_saved_png(images, size=EVAL_SIZE):
+    """Samples in [-1, 1] (N, C, h, w) -> [0, 1] at size x size, on the 8-bit steps of a saved PNG:
+    the scale _as_float gives uint8 photos, so the two sets can share one normalisation.
 
     Stays float so that non-finite samples give a non-finite SWD instead of a fake good score.
     """
     x = (images.float() + 1) * 127.5
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=x.shape[-1] > size, align_corners=False)
-    return x.round().clamp(0, 255)
+    return x.round().clamp(0, 255) / 255
 
 
 # ---------------------------------------------------------------------------------------------

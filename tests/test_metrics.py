@@ -73,9 +73,20 @@ def test_uint8_and_float_inputs_agree():
 def test_nonfinite_samples_give_nonfinite_score_and_mismatch_is_refused():
     real = pandas(4)
     fake = torch.full((4, 3, 16, 16), float("nan"))
-    assert math.isnan(metrics.swd(real, metrics.to_uint8(fake))["mean"])  # never mistaken for a good score
+    assert math.isnan(metrics.swd(real, metrics.as_saved_png(fake))["mean"])  # never mistaken for a good score
     with pytest.raises(ValueError, match="same"):
         metrics.swd(real, pandas(4, size=32))
+
+
+def test_samples_and_reference_photos_are_scored_on_one_scale(tmp_path):
+    """Samples that are the reference photos score 0 even when both sets share one normalisation
+    (norm='union' measures a scale mismatch that the per-set one hides)."""
+    data = make_pandas(tmp_path / "pandas", 8, size=metrics.EVAL_SIZE)
+    held = metrics.reference_paths(data, 4, [], 4)
+    fake = metrics.load_images(held, metrics.EVAL_SIZE).float() / 127.5 - 1  # as the sampler returns them
+    for norm in ("set", "union"):
+        result, n_ref = metrics.score_samples(fake, data, 4, [], norm=norm)
+        assert result["mean"] == 0.0 and n_ref == 4 and (result["n_real"], result["n_fake"]) == (4, 4)
 
 
 def test_holdout_split_is_the_last_sorted_files():
