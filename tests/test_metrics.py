@@ -38,11 +38,29 @@ def scores(sets):
     return {"same": metrics.swd(a, b)["mean"], "noise": metrics.swd(a, noise)["mean"]}
 
 
-def test_identical_sets_score_zero(sets):
-    a = sets[0]
-    result = metrics.swd(a, a.clone())
-    assert result["resolutions"] == [64, 32, 16]
-    assert result["mean"] == 0.0 and result["levels"] == [0.0, 0.0, 0.0]
+def test_levels_are_finest_first(sets):
+    """Detail removed below 32 px moves the 64 px level most and the 16 px level least."""
+    a, b, _ = sets
+    same, coarse = metrics.swd(a, b), metrics.swd(a, metrics.down_up(b, 24))
+    assert same["resolutions"] == coarse["resolutions"] == [64, 32, 16]
+    rise = [c - s for c, s in zip(coarse["levels"], same["levels"])]
+    assert rise[0] > rise[1] > rise[2] and rise[0] > same["levels"][0], (same, coarse)
+
+
+def test_symmetric_and_counts_reported(sets):
+    a, b, _ = sets
+    assert metrics.swd(a, b) == {**metrics.swd(b, a), "n_real": 32, "n_fake": 32}
+    ab, ba = metrics.swd(a[:10], b[:24]), metrics.swd(b[:24], a[:10])
+    assert (ab["n_real"], ab["n_fake"], ba["n_real"], ba["n_fake"]) == (10, 24, 24, 10)
+    assert ab["mean"] == pytest.approx(ba["mean"], rel=0.15)  # other neighbourhoods drawn, same distance
+
+
+def test_swd_grows_with_a_known_brightness_shift_under_union_norm_only():
+    a, b = pandas(12, size=32, seed=3).float() / 255, pandas(12, size=32, seed=4).float() / 255
+    union = [metrics.swd(a, b + shift, norm="union")["mean"] for shift in (0.0, 0.1, 0.2, 0.4)]
+    assert union[0] < union[1] < union[2] < union[3] and union[3] > 3 * union[0], union
+    per_set = [metrics.swd(a, b + shift)["mean"] for shift in (0.0, 0.4)]
+    assert per_set[1] == pytest.approx(per_set[0], rel=1e-3)  # the paper's per-set standardisation ignores it
 
 
 def test_same_distribution_small_and_noise_large(scores):
