@@ -121,7 +121,7 @@ def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
     real, fake = make_pandas(tmp_path / "real", 6, size=32), make_pandas(tmp_path / "fake", 6, size=32, seed=1)
     metrics.main([real, fake, "--size", "32", "--n", "6"])
     out = capsys.readouterr().out
-    assert "6 real vs 6 fake" in out and "32px" in out and "16px" in out and "mean" in out
+    assert out.startswith("samples") and "(6 images vs 6 reference)" in out and "32px" in out and "16px" in out
     os.makedirs(tmp_path / "empty")
     for folder, words in [(str(tmp_path / "missing"), "does not exist"), (str(tmp_path / "empty"), "no images")]:
         with pytest.raises(SystemExit) as e:
@@ -132,7 +132,8 @@ def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
         metrics.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--size", "--n", "--seed", "--norm", "--calibrate", "--holdout"))
+    assert all(flag in out for flag in ("--size", "--n", "--n-fake", "--seed", "--norm", "--calibrate", "--splits", "--kid",
+                                        "--fid", "--inception-weights", "--memorisation", "--holdout"))
 
 
 def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
@@ -194,6 +195,8 @@ def test_floor_is_positive_deterministic_and_falls_with_the_counts(many):
     assert small["mean"] > 1.3 * large["mean"], (small, large)  # fewer images, larger distance between two draws
     with pytest.raises(metrics.DataError, match="--n-fake"):
         metrics.floor(many, 24, 25)
+    ir, jf = metrics.random_split(48, 20, 28, torch.Generator().manual_seed(0))
+    assert sorted(ir.tolist() + jf.tolist()) == list(range(48))  # disjoint: no image on both sides
 
 
 def test_calibrate_cli_prints_the_floor_at_the_counts_asked(tmp_path, capsys):
@@ -295,11 +298,11 @@ def test_without_torch_fidelity_one_sentence(tmp_path, capsys, monkeypatch):
 
 def test_copies_of_training_images_are_flagged_held_out_copies_are_not():
     train, held, new = pandas(10, size=16, seed=6), pandas(5, size=16, seed=7), pandas(1, size=16, seed=8)
-    fake = torch.stack([train[3], train[7].flip(-1), held[2], new[0]])
+    fake = torch.stack([train[3], train[7].flip(-1), held[2], new[0], train[5]])
     m = metrics.memorisation(fake, train, held)
     assert m["ratio"][0] < 1e-9 and m["ratio"][1] < 1e-9 and m["ratio"][2] > 1e3  # held-out copy: d_held = 0
     assert m["nearest"][:2].tolist() == [3, 7] and m["flipped"][:2].tolist() == [False, True]
-    assert 0.5 < m["ratio"][3] < 2 and m["flagged"] == 0.5 and m["min"] < 1e-9
+    assert 0.5 < m["ratio"][3] < 2 and m["flagged"] == 0.6 and m["min"] < 1e-9
 
 
 def test_cli_memorisation_names_the_closest_pair(tmp_path, capsys):
