@@ -287,14 +287,14 @@ def floor(images, n_real, n_fake, splits=5, seed=0, norm="set"):
 def calibrate(images, n_real, n_fake, splits=5, seed=0, norm="set"):
     """[(name, swd dict)] at n_fake vs n_real: the real-vs-real floor, then the first split's 'fake'
     half blurred, downscaled and replaced by noise, scored against its 'real' half (the scale above it)."""
-    ir, jf = random_split(len(images), n_real, n_fake, torch.Generator().manual_seed(seed))
+    floor_row = ("real vs real (floor)", floor(images, n_real, n_fake, splits, seed, norm))
+    ir, jf = random_split(len(images), n_real, n_fake, torch.Generator().manual_seed(seed))  # the floor's first split
     ref, real = images[ir], images[jf]
     noise = torch.randint(0, 256, real.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     rows = [("real blurred sigma 1", gaussian_blur(real, 1.0))]
     rows += [(f"real at {low} px and back", down_up(real, low)) for low in (48, 32, 16) if low < real.shape[-1]]
     rows += [("uniform noise", noise)]
-    return [("real vs real (floor)", floor(images, n_real, n_fake, splits, seed, norm))] + \
-        [(name, swd(ref, x, seed, norm=norm)) for name, x in rows]
+    return [floor_row] + [(name, swd(ref, x, seed, norm=norm)) for name, x in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,18 +415,25 @@ def parse_args(argv=None):
                     "with both image counts, and on request its real-vs-real floor, KID/FID and a memorisation check.")
     p.add_argument("real_dir", metavar="REAL_DIR", help="folder of reference images (flat or one sub-folder per label)")
     p.add_argument("fake_dir", metavar="FAKE_DIR", nargs="?", default="", help="folder of images to score, e.g. sample.py's output")
-    p.add_argument("--size", type=int, default=EVAL_SIZE, help=f"images are resized and centre-cropped to this many pixels for SWD, KID and FID (default: {EVAL_SIZE}, as training measures)")
+    p.add_argument("--size", type=int, default=EVAL_SIZE,
+                   help=f"images are resized and centre-cropped to this many pixels for SWD, KID and FID "
+                        f"(default: {EVAL_SIZE}, as training measures)")
     p.add_argument("--n", type=int, default=256, help="reference images used from REAL_DIR, first in sorted order (default: 256)")
-    p.add_argument("--n-fake", type=int, default=0, help="images used from FAKE_DIR, first in sorted order; with --calibrate and no FAKE_DIR, the sample count to calibrate for (default: --n)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the neighbourhoods, projections, floor splits and KID subsets; same seed, same value (default: 0)")
+    p.add_argument("--n-fake", type=int, default=0,
+                   help="images used from FAKE_DIR, first in sorted order; with --calibrate and no FAKE_DIR, the sample count "
+                        "to calibrate for (default: --n)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the neighbourhoods, projections, floor splits and KID subsets; same seed, same value (default: 0)")
     p.add_argument("--norm", choices=["set", "union"], default="set",
                    help="SWD descriptor standardisation: each set by its own statistics (the paper) or by their union (default: set)")
     p.add_argument("--calibrate", action="store_true",
                    help="also the floor: SWD between disjoint random subsets of REAL_DIR at the same counts (mean and spread over "
                         "--splits splits), then blurred, downscaled and noise images at those counts; works without FAKE_DIR")
     p.add_argument("--splits", type=int, default=5, help="with --calibrate: random splits the floor is averaged over (default: 5)")
-    p.add_argument("--kid", action="store_true", help="also KID x1e3 (mean and std over 100 subsets), on InceptionV3 features (pip install -r requirements-eval.txt)")
-    p.add_argument("--fid", action="store_true", help="also FID, on InceptionV3 features; biased upwards at a few hundred images: read KID there")
+    p.add_argument("--kid", action="store_true",
+                   help="also KID x1e3 (mean and std over 100 subsets), on InceptionV3 features (pip install -r requirements-eval.txt)")
+    p.add_argument("--fid", action="store_true",
+                   help="also FID, on InceptionV3 features; biased upwards at a few hundred images: read KID there")
     p.add_argument("--inception-weights", metavar="FILE", default=None,
                    help="torch-fidelity's InceptionV3 weights file (weights-inception-2015-12-05-6726825d.pth) for machines "
                         "without internet (default: downloaded on first use)")
