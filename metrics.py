@@ -419,7 +419,7 @@ def parse_args(argv=None):
                    help=f"images are resized and centre-cropped to this many pixels for SWD, KID and FID "
                         f"(default: {EVAL_SIZE}, as training measures)")
     p.add_argument("--n", type=int, default=256, help="reference images used from REAL_DIR, first in sorted order (default: 256)")
-    p.add_argument("--n-fake", type=int, default=0,
+    p.add_argument("--n-fake", type=int, default=0, metavar="N",
                    help="images used from FAKE_DIR, first in sorted order; with --calibrate and no FAKE_DIR, the sample count "
                         "to calibrate for (default: --n)")
     p.add_argument("--seed", type=int, default=0,
@@ -429,7 +429,7 @@ def parse_args(argv=None):
     p.add_argument("--calibrate", action="store_true",
                    help="also the floor: SWD between disjoint random subsets of REAL_DIR at the same counts (mean and spread over "
                         "--splits splits), then blurred, downscaled and noise images at those counts; works without FAKE_DIR")
-    p.add_argument("--splits", type=int, default=5, help="with --calibrate: random splits the floor is averaged over (default: 5)")
+    p.add_argument("--splits", type=int, default=5, metavar="K", help="with --calibrate: random splits the floor is averaged over (default: 5)")
     p.add_argument("--kid", action="store_true",
                    help="also KID x1e3 (mean and std over 100 subsets), on InceptionV3 features (pip install -r requirements-eval.txt)")
     p.add_argument("--fid", action="store_true",
@@ -441,7 +441,7 @@ def parse_args(argv=None):
                    help=f"also, at the samples' own resolution: each sample's L2 distance to its nearest training image over that "
                         f"to its nearest held-out image (flips included); the mean, min, fraction under {MEMO_THRESHOLD} "
                         f"(near-copies) and the closest pairs")
-    p.add_argument("--holdout", type=int, default=100,
+    p.add_argument("--holdout", type=int, default=100, metavar="N",
                    help="with --memorisation: the last N files of REAL_DIR (sorted) were held out of training, as train.py --holdout N; "
                         "the rest are the training images (default: 100)")
     args = p.parse_args(argv)
