@@ -38,11 +38,29 @@ def scores(sets):
     return {"same": metrics.swd(a, b)["mean"], "noise": metrics.swd(a, noise)["mean"]}
 
 
-def test_identical_sets_score_zero(sets):
-    a = sets[0]
-    result = metrics.swd(a, a.clone())
-    assert result["resolutions"] == [64, 32, 16]
-    assert result["mean"] == 0.0 and result["levels"] == [0.0, 0.0, 0.0]
+def test_levels_are_finest_first(sets):
+    """Detail removed below 32 px moves the 64 px level most and the 16 px level least."""
+    a, b, _ = sets
+    same, coarse = metrics.swd(a, b), metrics.swd(a, metrics.down_up(b, 24))
+    assert same["resolutions"] == coarse["resolutions"] == [64, 32, 16]
+    rise = [c - s for c, s in zip(coarse["levels"], same["levels"])]
+    assert rise[0] > rise[1] > rise[2] and rise[0] > same["levels"][0], (same, coarse)
+
+
+def test_symmetric_and_counts_reported(sets):
+    a, b, _ = sets
+    assert metrics.swd(a, b) == {**metrics.swd(b, a), "n_real": 32, "n_fake": 32}
+    ab, ba = metrics.swd(a[:10], b[:24]), metrics.swd(b[:24], a[:10])
+    assert (ab["n_real"], ab["n_fake"], ba["n_real"], ba["n_fake"]) == (10, 24, 24, 10)
+    assert ab["mean"] == pytest.approx(ba["mean"], rel=0.15)  # other neighbourhoods drawn, same distance
+
+
+def test_swd_grows_with_a_known_brightness_shift_under_union_norm_only():
+    a, b = pandas(12, size=32, seed=3).float() / 255, pandas(12, size=32, seed=4).float() / 255
+    union = [metrics.swd(a, b + shift, norm="union")["mean"] for shift in (0.0, 0.1, 0.2, 0.4)]
+    assert union[0] < union[1] < union[2] < union[3] and union[3] > 3 * union[0], union
+    per_set = [metrics.swd(a, b + shift)["mean"] for shift in (0.0, 0.4)]
+    assert per_set[1] == pytest.approx(per_set[0], rel=1e-3)  # the paper's per-set standardisation ignores it
 
 
 def test_same_distribution_small_and_noise_large(scores):
@@ -73,9 +91,20 @@ def test_uint8_and_float_inputs_agree():
 def test_nonfinite_samples_give_nonfinite_score_and_mismatch_is_refused():
     real = pandas(4)
     fake = torch.full((4, 3, 16, 16), float("nan"))
-    assert math.isnan(metrics.swd(real, metrics.to_uint8(fake))["mean"])  # never mistaken for a good score
+    assert math.isnan(metrics.swd(real, metrics.as_saved_png(fake))["mean"])  # never mistaken for a good score
     with pytest.raises(ValueError, match="same"):
         metrics.swd(real, pandas(4, size=32))
+
+
+def test_samples_and_reference_photos_are_scored_on_one_scale(tmp_path):
+    """Samples that are the reference photos score 0 even when both sets share one normalisation
+    (norm='union' measures a scale mismatch that the per-set one hides)."""
+    data = make_pandas(tmp_path / "pandas", 8, size=metrics.EVAL_SIZE)
+    held = metrics.reference_paths(data, 4, [], 4)
+    fake = metrics.load_images(held, metrics.EVAL_SIZE).float() / 127.5 - 1  # as the sampler returns them
+    for norm in ("set", "union"):
+        result, n_ref = metrics.score_samples(fake, data, 4, [], norm=norm)
+        assert result["mean"] == 0.0 and n_ref == 4 and (result["n_real"], result["n_fake"]) == (4, 4)
 
 
 def test_holdout_split_is_the_last_sorted_files():
@@ -92,7 +121,7 @@ def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
     real, fake = make_pandas(tmp_path / "real", 6, size=32), make_pandas(tmp_path / "fake", 6, size=32, seed=1)
     metrics.main([real, fake, "--size", "32", "--n", "6"])
     out = capsys.readouterr().out
-    assert "6 real vs 6 fake" in out and "32px" in out and "16px" in out and "mean" in out
+    assert out.startswith("samples") and "(6 images vs 6 reference)" in out and "32px" in out and "16px" in out
     os.makedirs(tmp_path / "empty")
     for folder, words in [(str(tmp_path / "missing"), "does not exist"), (str(tmp_path / "empty"), "no images")]:
         with pytest.raises(SystemExit) as e:
@@ -103,7 +132,8 @@ def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
         metrics.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert all(flag in out for flag in ("--size", "--n", "--seed", "--norm", "--calibrate", "--holdout"))
+    assert all(flag in out for flag in ("--size", "--n", "--n-fake", "--seed", "--norm", "--calibrate", "--splits", "--kid",
+                                        "--fid", "--inception-weights", "--memorisation", "--holdout"))
 
 
 def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
@@ -145,3 +175,144 @@ def test_unreadable_reference_photos_skip_the_swd_not_the_run(tmp_path, capsys):
         in capsys.readouterr().out
     assert torch.load(tmp_path / "checkpoints" / "q" / "latest.pt", weights_only=True)["step"] == 4
     assert not os.path.exists(tmp_path / "checkpoints" / "q" / "best.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# the real-vs-real floor at the same counts
+
+
+@pytest.fixture(scope="module")
+def many():
+    return pandas(48, size=32, seed=5)
+
+
+def test_floor_is_positive_deterministic_and_falls_with_the_counts(many):
+    small, again, other = (metrics.floor(many, 8, 8, splits=3, seed=s) for s in (1, 1, 2))
+    large = metrics.floor(many, 24, 24, splits=3, seed=1)
+    assert small == again and other["splits"] != small["splits"]
+    assert all(math.isfinite(v) and v > 0 for v in small["splits"] + large["splits"]) and small["std"] > 0
+    assert (small["n_real"], small["n_fake"], large["n_real"], large["n_fake"]) == (8, 8, 24, 24)
+    assert small["mean"] > 1.3 * large["mean"], (small, large)  # fewer images, larger distance between two draws
+    with pytest.raises(metrics.DataError, match="--n-fake"):
+        metrics.floor(many, 24, 25)
+    ir, jf = metrics.random_split(48, 20, 28, torch.Generator().manual_seed(0))
+    assert sorted(ir.tolist() + jf.tolist()) == list(range(48))  # disjoint: no image on both sides
+
+
+def test_calibrate_cli_prints_the_floor_at_the_counts_asked(tmp_path, capsys):
+    real = make_pandas(tmp_path / "real", 20, size=16)
+    metrics.main([real, "--calibrate", "--size", "16", "--n", "6", "--n-fake", "10", "--splits", "2"])
+    out = capsys.readouterr().out
+    floor_line = next(line for line in out.splitlines() if line.startswith("real vs real (floor)"))
+    assert "+-" in floor_line and "(10 images vs 6 reference)" in floor_line and "noise" in out
+    assert "over 2 random disjoint splits" in out
+    with pytest.raises(SystemExit) as e:
+        metrics.main([real, "--calibrate", "--size", "16", "--n", "10", "--n-fake", "11"])
+    assert str(e.value).startswith("error:") and "21" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# KID and FID: the arithmetic against closed forms, on a small feature network (no weights needed)
+
+
+def fid_closed_form(x, y):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the trace term via S1^(1/2) S2 S1^(1/2)'s eigenvalues."""
+    s1, s2 = torch.cov(x.T), torch.cov(y.T)
+    w, v = torch.linalg.eigh(s1)
+    root1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root1 @ s2 @ root1).clamp(min=0).sqrt().sum()
+    return ((x.mean(0) - y.mean(0)) ** 2).sum() + s1.trace() + s2.trace() - 2 * cross
+
+
+def mmd2_unbiased(x, y):
+    """MMD^2 with the kernel (x.y / d + 1)^3, diagonal terms left out of the within-set means."""
+    k = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    kxx, kyy = k(x, x), k(y, y)
+    return (kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1)) - 2 * k(x, y).mean()
+
+
+@pytest.fixture(scope="module")
+def small_features():
+    """A fixed random linear 'network' on 8x8 uint8 images and its features of two image sets."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 6))
+    real = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    fake = (real[:30].int() + torch.randint(0, 60, (30, 3, 8, 8))).clamp(max=255).to(torch.uint8)
+    f_real, f_fake = (metrics.features(x.float(), net, batch=7) for x in (real, fake))
+    with torch.no_grad():
+        assert torch.allclose(f_real, net(real.float()).double(), rtol=1e-5, atol=1e-3)  # batching changes nothing
+    return f_real, f_fake
+
+
+def test_fid_matches_the_closed_form(small_features):
+    f_real, f_fake = small_features
+    assert metrics.fid(f_real, f_fake) == pytest.approx(fid_closed_form(f_real, f_fake).item(), rel=1e-6)
+    g = torch.Generator().manual_seed(0)  # known Gaussians: N(0, I) and N(m, 4 I) in 4-d
+    a, b = torch.randn(4000, 4, generator=g, dtype=torch.float64), 2 * torch.randn(4000, 4, generator=g, dtype=torch.float64)
+    m = torch.tensor([1.0, -2.0, 0.0, 0.5], dtype=torch.float64)
+    assert metrics.fid(a, b + m) == pytest.approx((m ** 2).sum().item() + 4 * (1 + 4 - 2 * 2), abs=0.4)
+
+
+def test_kid_is_the_unbiased_polynomial_mmd(small_features):
+    f_real, f_fake = small_features
+    mean, std = metrics.kid(f_real[:30], f_fake)  # subsets of all 30: every subset is the whole set
+    assert mean == pytest.approx(mmd2_unbiased(f_real[:30], f_fake).item(), rel=1e-9) and std < 1e-9 * abs(mean)
+    first, again, other = (metrics.kid(f_real, f_fake, subsets=5, seed=s) for s in (1, 1, 2))
+    assert first == again and other != first and first[1] > 0  # 30 of 40 real: the subsets differ
+    x, y, z = torch.randn(3, 300, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    same, shifted = metrics.kid(x, y, subsets=10)[0], metrics.kid(x, z + 0.5, subsets=10)[0]
+    assert abs(same) < 0.1 * shifted, (same, shifted)  # two draws of one distribution: ~0, unbiased
+
+
+def test_without_inception_weights_one_sentence_and_swd_still_reported(tmp_path, capsys, monkeypatch):
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(fidelity, "load_state_dict_from_url", offline)
+    real, fake = make_pandas(tmp_path / "real", 4, size=16), make_pandas(tmp_path / "fake", 4, size=16, seed=1)
+    metrics.main([real, fake, "--size", "16", "--kid", "--fid"])  # returns: exit status 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("samples") and "(4 images vs 4 reference)" in lines[0] and len(lines) == 2
+    assert lines[1].startswith("no KID/FID") and fidelity.URL_INCEPTION_V3 in lines[1] and "--inception-weights FILE" in lines[1]
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(SystemExit) as e:
+        metrics.main([real, fake, "--size", "16", "--kid", "--inception-weights", str(bad)])
+    assert str(e.value).startswith("error:") and str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_without_torch_fidelity_one_sentence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(metrics, "has_torch_fidelity", lambda: False)
+    real, fake = make_pandas(tmp_path / "real", 4, size=16), make_pandas(tmp_path / "fake", 4, size=16, seed=1)
+    metrics.main([real, fake, "--size", "16", "--kid"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("pip install -r requirements-eval.txt")
+
+
+# ---------------------------------------------------------------------------------------------
+# memorisation
+
+
+def test_copies_of_training_images_are_flagged_held_out_copies_are_not():
+    train, held, new = pandas(10, size=16, seed=6), pandas(5, size=16, seed=7), pandas(1, size=16, seed=8)
+    fake = torch.stack([train[3], train[7].flip(-1), held[2], new[0], train[5]])
+    m = metrics.memorisation(fake, train, held)
+    assert m["ratio"][0] < 1e-9 and m["ratio"][1] < 1e-9 and m["ratio"][2] > 1e3  # held-out copy: d_held = 0
+    assert m["nearest"][:2].tolist() == [3, 7] and m["flipped"][:2].tolist() == [False, True]
+    assert 0.5 < m["ratio"][3] < 2 and m["flagged"] == 0.6 and m["min"] < 1e-9
+
+
+def test_cli_memorisation_names_the_closest_pair(tmp_path, capsys):
+    import shutil
+    real = make_pandas(tmp_path / "real", 12, size=16)
+    fake = make_pandas(tmp_path / "fake", 3, size=16, seed=9)
+    shutil.copy(os.path.join(real, "panda_02.png"), os.path.join(fake, "zz_copy.png"))  # a training image
+    shutil.copy(os.path.join(real, "panda_11.png"), os.path.join(fake, "zz_held.png"))  # held out (the last 4)
+    metrics.main([real, fake, "--size", "16", "--memorisation", "--holdout", "4"])
+    out = capsys.readouterr().out
+    assert "5 samples, 8 training and 4 held-out images" in out and "20.0% of samples under 0.5" in out
+    first = out.splitlines()[2].split()
+    assert first[0] == "0.000" and first[1].endswith("zz_copy.png") and first[3].endswith("panda_02.png")
