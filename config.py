@@ -184,6 +184,8 @@ def check_config(cfg):
         problems.append(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     if min(cfg.warmup_steps, cfg.hist_every, cfg.sample_every, cfg.max_minutes, cfg.milestone_every, cfg.keep_last, cfg.ema_gamma) < 0:
         problems.append("warmup_steps, hist_every, sample_every, max_minutes, milestone_every, keep_last and ema_gamma must be >= 0")
+    if cfg.min_snr_gamma < 0:
+        problems.append(f"min_snr_gamma must be >= 0 (0 = off), not {cfg.min_snr_gamma:g}: a negative gamma makes the loss weights negative")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")

@@ -59,6 +59,11 @@ class Diffusion:
         """values[t] shaped to broadcast over x: (N,) -> (N, 1, 1, 1)."""
         return values.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
 
+    @staticmethod
+    def _per_image(values, x):
+        """Per-image float64 terms (N,) as float32 shaped to broadcast over x: (N, 1, 1, 1)."""
+        return values.to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+
     def q_sample(self, x_start, t, noise):
         """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps."""
         return self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start + \
@@ -141,12 +146,13 @@ class Diffusion:
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     def ddpm_step(self, eps, x_t, t, generator=None, clip=True):
-        """One ancestral step x_t -> x_{t-1} (Ho et al. alg. 2) with the predicted x_0 clipped to [-1, 1]."""
+        """One ancestral step x_t -> x_{t-1} (Ho et al. alg. 2) with the predicted x_0 clipped to [-1, 1].
+        Each image takes its own t; the posterior variance is 0 at t = 0, so those get the mean alone."""
         x_start = self.predict_start(x_t, t, eps)
         if clip:
             x_start = x_start.clamp(-1, 1)
         mean, var = self.q_posterior(x_start, x_t, t)
-        if int(t[0]) == 0:
+        if not bool((t > 0).any()):
             return mean, x_start
         noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
         return mean + var.sqrt() * noise, x_start
@@ -154,19 +160,20 @@ class Diffusion:
     def ddim_step(self, eps, x_t, t, t_prev, eta=0.0, generator=None, clip=True):
         """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev = -1 means the clean image.
 
-        The whole batch is at one t (as in `sample`). Its coefficients are Python floats from the
-        float64 table: 1 - alpha-bar in float32 keeps only ~3 digits near t = 0.
+        Each image takes its own (t, t_prev). The coefficients come from the float64 table, rounded to
+        float32 only at the end: 1 - alpha-bar in float32 keeps only ~3 digits near t = 0.
         """
-        a_t = self.alphas_cumprod_64[int(t[0])].item()
-        a_prev = self.alphas_cumprod_64[int(t_prev[0])].item() if t_prev[0] >= 0 else 1.0
+        a_t = self.alphas_cumprod_64[t.cpu()]
+        a_prev = torch.where(t_prev.cpu() >= 0, self.alphas_cumprod_64[t_prev.cpu().clamp(min=0)], 1.0)
+        coef = lambda values: self._per_image(values, x_t)  # noqa: E731
         x_start = self.predict_start(x_t, t, eps)
         if clip:  # keep eps consistent with the clipped x_0, as the DDPM step does implicitly
             x_start = x_start.clamp(-1, 1)
-            eps = (x_t - a_t ** 0.5 * x_start) / (1 - a_t) ** 0.5
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        x_prev = a_prev ** 0.5 * x_start + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
-        if eta > 0 and t_prev[0] >= 0:
-            x_prev = x_prev + sigma * torch.randn(x_t.shape, device=x_t.device, generator=generator)
+            eps = (x_t - coef(a_t.sqrt()) * x_start) / coef((1 - a_t).sqrt())
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # 0 where t_prev = -1
+        x_prev = coef(a_prev.sqrt()) * x_start + coef((1 - a_prev - sigma ** 2).clamp(min=0).sqrt()) * eps
+        if eta > 0 and bool((t_prev >= 0).any()):
+            x_prev = x_prev + coef(sigma) * torch.randn(x_t.shape, device=x_t.device, generator=generator)
         return x_prev, x_start
 
     def timesteps(self, steps):

@@ -46,13 +46,79 @@ def test_naive_and_fast_models_count_the_same_flops():
 
 def test_training_and_data_measurements_run(tiny_cfg, image_dir, tmp_path):
     """The child's measured step (train.build_training + train_step, fast and naive) and the data
-    pipeline still work with the rest of the repo."""
+    pipeline still work with the rest of the repo, and report what they measured: one positive time per
+    timed step, the images the cache holds, a positive loader rate per worker count."""
     spec = dict(preset="tiny", batch=2, device="cpu", compile=False, threads=1, warmup=1, steps=2, budget=0.0,
                 naive=False, peak_seconds=0)
     for naive in (False, True):
         result = bench.child_train({**spec, "naive": naive})
-        assert len(result["step_times"]) == 2 and result["peak_bytes"] > 0
+        assert len(result["step_times"]) == 2 and min(result["step_times"]) > 0 and result["peak_bytes"] > 0
     loader = bench.child_train({**spec, "workers": 0, "data_dir": image_dir, "cache_dir": str(tmp_path / "cache")})
     assert len(loader["step_times"]) == 2
     data = bench.bench_data(image_dir, str(tmp_path / "cache"), 16, 2, [0], 0.0)
-    assert data["images"] == 4 and data["images_per_s"]["0"] > 0
+    assert data["images"] == 4 and list(data["images_per_s"]) == ["0"] and data["images_per_s"]["0"] > 0
+
+
+class Clock:
+    """A stand-in for time.perf_counter that only moves when a fake step says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("step_seconds, warmup_calls, timed_calls", [(0.25, 2, 40), (5.0, 1, 3)])
+def test_timed_warms_up_untimed_then_times_each_step(monkeypatch, step_seconds, warmup_calls, timed_calls):
+    """timed(step, warmup=2, steps=3, budget=10 s): quick steps get the full warm-up and are timed while the
+    budget lasts; a step slower than a quarter of the budget cuts the warm-up to one call and is timed 3
+    times. Each time is that step's own duration."""
+    clock, calls = Clock(), []
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+
+    def step():
+        calls.append(1)
+        clock.now += step_seconds
+    times = bench.timed(step, 2, 3, 10.0, torch.device("cpu"))
+    assert len(calls) == warmup_calls + timed_calls and times == [step_seconds] * timed_calls
+
+
+def test_reported_figures_are_consistent():
+    """Images/s = batch / median step time; achieved FLOP/s = FLOPs per image x images/s; MFU = that / peak;
+    speed-up and memory are this repo over naive; the data pipeline is compared with the model's rate; the
+    table prints those numbers."""
+    r = dict(name="tiny", image_size=16, tokens=16, batch=8, params=1000, naive_params=1000, train_flops=1e9,
+             naive_train_flops=1e9, fast=dict(step_times=[0.5, 0.1, 0.2], peak_bytes=200e9),
+             naive=dict(step_times=[0.4, 0.4, 0.8], peak_bytes=800e9), sampling={},
+             data=dict(images=4, build_seconds=1.0, images_per_s={"0": 80.0}), loader_train={})
+    bench.summarize(r, 1e12)
+    assert r["fast"]["images_per_s"] == pytest.approx(8 / 0.2) and r["naive"]["images_per_s"] == pytest.approx(8 / 0.4)
+    assert r["achieved_flops"] == pytest.approx(40e9) and r["mfu"] == pytest.approx(0.04)
+    assert r["speedup"] == pytest.approx(2.0) and r["memory_ratio"] == pytest.approx(0.25)
+    assert r["data_vs_model"] == pytest.approx({"0": 2.0})
+    rows = dict(bench.table_rows(r, set()))
+    assert rows["train img/s, this repo"] == "40.0" and rows["train img/s, naive"] == "20.0"
+    assert rows["speed-up over naive"] == "2.00x" and rows["achieved GFLOP/s (MFU)"] == "40.0 (4.00%)"
+    assert rows["data img/s, 0 workers (x model)"] == "80.0 (x2.00)"
+
+
+def test_sampling_figures_are_consistent(tiny_cfg, monkeypatch):
+    """Each sampler's model evaluations/s is batch / seconds per step, and its grid time is that step time
+    scaled to every step and 64 images; a grid that would take too long is timed over a smaller batch and
+    fewer steps, and not called 'measured'. The real sampler runs; the arithmetic is checked on a fixed step time."""
+    small = dataclasses.replace(tiny_cfg, max_t=20)
+    out = bench.bench_sampling(small, torch.device("cpu"), budget=0.0)
+    assert sorted(out) == ["ddim-20", "ddpm-20"] and all(res["evals_per_s"] > 0 for res in out.values())
+    calls = []
+
+    def step_seconds(model, diffusion, cfg, device, sampler, steps, batch, timed_steps):
+        calls.append((sampler, steps, batch, timed_steps))
+        return 1 / 64  # per step, whatever the batch (binary fractions: no rounding below)
+    monkeypatch.setattr(bench, "sampler_step_seconds", step_seconds)
+    out = bench.bench_sampling(small, torch.device("cpu"), budget=30 / 64)
+    assert calls == [("ddim", 2, 1, 1), ("ddim", 20, 10, 3), ("ddpm", 20, 10, 3)]  # batch = budget / 3 / step time
+    for key in ("ddim-20", "ddpm-20"):
+        res = out[key]
+        assert res["evals_per_s"] == pytest.approx(10 * 64) and res["grid_seconds"] == pytest.approx(20 * 64 / 64 / 10)
+        assert (res["batch"], res["timed_steps"], res["steps"], res["measured"]) == (10, 3, 20, False)

@@ -5,6 +5,8 @@ The end-to-end test starts real processes with the environment torchrun would gi
 `torchrun --nproc_per_node=2 train.py` runs. Each rank reports what it ended with (parameter
 hashes, losses, files it wrote) through a queue; nothing is added to train.py for testing.
 """
+import contextlib
+import dataclasses
 import glob
 import hashlib
 import multiprocessing
@@ -16,7 +18,9 @@ import pytest
 import torch
 
 from conftest import make_pandas, run_train, train_argv
+from config import build_config
 from dataset import EpochBatches
+from diffusion import make_diffusion
 
 # ---------------------------------------------------------------------------------------------
 # per-rank shards of an epoch (pure functions, no processes)
@@ -230,3 +234,86 @@ def test_time_budget_stops_every_rank_at_one_step_with_one_learning_rate(tmp_pat
     assert 0 < r0["step"] == r1["step"] < 100000
     assert r0["model"] == r1["model"] and r0["ema"] == r1["ema"]
     assert latest(workdir)["step"] == r0["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient averaging: two ranks on two half-batches take the step one process takes on the whole batch
+
+
+class SplitDraws:
+    """Diffusion.training_loss on `parts` equal slices of the batch, slice j drawing its t and noise from its
+    own generator (seed first + j), losses averaged: one process on the whole batch draws what two ranks
+    on its halves draw."""
+
+    def __init__(self, diffusion, parts, first):
+        self.diffusion, self.parts, self.first = diffusion, parts, first
+
+    def training_loss(self, model, x, y):
+        outs = [self.diffusion.training_loss(model, xs, ys, torch.Generator().manual_seed(100 + self.first + j))
+                for j, (xs, ys) in enumerate(zip(x.chunk(self.parts), y.chunk(self.parts)))]
+        loss, pred, target = zip(*outs)
+        return torch.stack(loss).mean(), torch.cat(pred), torch.cat(target)
+
+
+def one_sgd_step(world_size, half=None, parts=1):
+    """train.train_step with plain SGD (unlike Adam's first step, its update scales with the gradient, so a
+    sum over ranks would show) on half 0 or 1 of a fixed batch of 4, or all of it (half=None) in `parts`
+    slices; returns (each parameter's update, the logged loss)."""
+    import train
+    cfg = dataclasses.replace(build_config({"preset": "tiny", "device": "cpu"}), adaln_zero=False, grad_clip=0.0)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = torch.tensor([0, 0, 0, 0])
+    share = slice(0, 4) if half is None else slice(2 * half, 2 * half + 2)
+    model, _, _, train_model = train.build_training(cfg, torch.device("cpu"), world_size)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    out = train.train_step(train_model, sgd, SplitDraws(make_diffusion(cfg), parts, half or 0), x[share], y[share], 0.5, cfg,
+                           contextlib.nullcontext())
+    return {k: (p.detach() - before[k]).numpy() for k, p in model.named_parameters()}, float(out["loss"])
+
+
+def _sgd_rank(rank, port, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    import train
+    try:
+        train.setup_distributed("cpu")
+        queue.put((rank, one_sgd_step(2, half=rank)))
+    except BaseException as e:
+        queue.put((rank, f"{type(e).__name__}: {e}"))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_ranks_average_their_gradients():
+    """One step of 2 gloo ranks on two half-batches leaves both with the weights of one process's step on the
+    whole batch (the same draws): DDP averages the ranks' gradients. Ranks agreeing with each other would not
+    show that: summed gradients, or none exchanged, would each give other weights here."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_sgd_rank, args=(rank, port, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(queue.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(isinstance(r, tuple) for r in results.values()), results
+    whole, whole_loss = one_sgd_step(1, parts=2)
+    alone, _ = one_sgd_step(1, half=0)  # rank 0's half in one process
+    for rank, (update, loss) in results.items():
+        assert loss == pytest.approx(whole_loss, rel=1e-6)  # the logged loss is the global batch's
+        for name, u in update.items():
+            torch.testing.assert_close(torch.from_numpy(u), torch.from_numpy(whole[name]), atol=1e-6, rtol=1e-4)
+    assert max(abs(u).max() for u in whole.values()) > 1e-3  # a real step: a sum over ranks would double it
+    assert max(abs(u - alone[name]).max() for name, u in whole.items()) > 1e-3  # one half's step is another

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from config import build_config
 from diffusion import Diffusion, make_betas
 from dit import DiT
 
@@ -143,13 +144,95 @@ def test_ddim_with_oracle_recovers_x0(diff, steps):
         torch.testing.assert_close(x.double(), math.sqrt(a) * x0.double() + math.sqrt(1 - a) * eps, atol=1e-4, rtol=0)
 
 
-def test_ddpm_1000_with_oracle_recovers_x0(diff):
-    """The faithful 1000-step ancestral sampler, given the true noise, ends at x0."""
-    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
-    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    out = diff.sample(oracle(x0), noise, torch.zeros(2, dtype=torch.long), "ddpm", T,
-                      generator=torch.Generator().manual_seed(2))
+def test_ddpm_1000_with_oracle_recovers_x0_and_stays_on_the_marginals(diff):
+    """The faithful 1000-step ancestral sampler, given the true noise, ends at x0; on the way each x_t is a
+    draw from q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t), since every step samples the exact posterior.
+    (The oracle makes every predicted x0 exact, so only the path shows a wrong posterior mean or variance.)"""
+    x0 = torch.rand(8, 3, 16, 16) * 1.8 - 0.9
+    noise = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    checked = {900, 500, 100, 20, 2}
+    path = {}  # the step at t leaves x_{t-1}
+    record = lambda i, t, x, x_start: path.update({t - 1: x.double()}) if t - 1 in checked else None  # noqa: E731
+    out = diff.sample(oracle(x0), noise, torch.zeros(8, dtype=torch.long), "ddpm", T,
+                      generator=torch.Generator().manual_seed(2), callback=record)
     torch.testing.assert_close(out, x0, atol=1e-3, rtol=0)
+    assert sorted(path) == sorted(checked)
+    for t, x in path.items():  # 6144 independent pixels: the standardised residual is N(0, 1)
+        z = (x - math.sqrt(ABAR[t]) * x0.double()) / math.sqrt(1 - ABAR[t])
+        assert abs(z.mean().item()) < 0.07 and abs(z.std().item() - 1) < 0.07, (t, z.mean().item(), z.std().item())
+
+
+def posterior64(x0_hat, x_t, t):
+    """Closed-form mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020 eq. 7), float64, scalar t."""
+    b, a, a_prev = BETAS[t], ABAR[t], abar_at(t - 1)
+    mean = (math.sqrt(a_prev) * b / (1 - a)) * x0_hat.double() + (math.sqrt(1 - b) * (1 - a_prev) / (1 - a)) * x_t.double()
+    return mean, (1 - a_prev) / (1 - a) * b
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_step_draws_from_the_closed_form_distribution(diff, sampler):
+    """Repeated from one (x_t, eps) with a fixed generator, an ancestral step's outputs have the posterior's
+    mean and variance (DDPM), or eq. 12's mean and sigma^2 (DDIM with eta = 1 from t to t_prev)."""
+    n = 20000
+    x_t = torch.tensor([-1.5, -0.2, 0.3, 1.2]).view(1, 4, 1, 1).expand(n, -1, -1, -1)
+    eps = torch.tensor([0.7, -1.1, 0.1, 0.4]).view(1, 4, 1, 1).expand(n, -1, -1, -1)
+    g = torch.Generator().manual_seed(0)
+    for t, t_prev in ((1, 0), (17, 16), (500, 499), (999, 998), (500, 300), (999, 0)):
+        if sampler == "ddpm" and t_prev != t - 1:
+            continue
+        a, a_prev = ABAR[t], abar_at(t_prev)
+        x0_hat = (x_t[:1].double() - math.sqrt(1 - a) * eps[:1].double()) / math.sqrt(a)
+        if sampler == "ddpm":
+            mean, var = posterior64(x0_hat, x_t[:1], t)
+            got, _ = diff.ddpm_step(eps, x_t, at(t, n), g, clip=False)
+        else:
+            var = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+            mean = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev - var) * eps[:1].double()
+            got, _ = diff.ddim_step(eps, x_t, at(t, n), at(t_prev, n), 1.0, g, clip=False)
+        sd = math.sqrt(var)
+        assert (got.double().mean(0) - mean[0]).abs().max() < 5 * sd / math.sqrt(n) + 1e-5, (t, t_prev)
+        assert (got.double().var(0) - var).abs().max() < 5 * var * math.sqrt(2 / n) + 1e-9, (t, t_prev)
+
+
+def test_ddpm_and_ddim_steps_take_each_images_own_t(diff):
+    """A batch whose images sit at different timesteps steps each one as if it were alone: the deterministic
+    parts match single-image calls, and each image's noise is scaled by its own t."""
+    t, t_prev = torch.tensor([0, 999, 17, 500]), torch.tensor([-1, 979, 3, 499])
+    x_t, eps = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4) * 2  # * 2: some x0 predictions clip
+    for clip in (False, True):
+        whole = diff.ddim_step(eps, x_t, t, t_prev, clip=clip)
+        for i in range(4):
+            alone = diff.ddim_step(eps[i:i + 1], x_t[i:i + 1], t[i:i + 1], t_prev[i:i + 1], clip=clip)
+            for got, expected in zip(whole, alone):
+                close(got[i:i + 1], expected, tol=1e-5)
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3)).double()
+    ddpm, x0_hat = diff.ddpm_step(eps, x_t, t, torch.Generator().manual_seed(3), clip=False)
+    ddim, _ = diff.ddim_step(eps, x_t, t, t_prev, 0.5, torch.Generator().manual_seed(3), clip=False)
+    for i, (s, s_prev) in enumerate(zip(t.tolist(), t_prev.tolist())):
+        mean, var = posterior64(x0_hat[i], x_t[i], s)
+        close(ddpm[i], mean + math.sqrt(var) * z[i], tol=1e-5)  # no noise at t = 0, noise elsewhere
+        a, a_prev = ABAR[s], abar_at(s_prev)
+        sigma = 0.5 * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        expected = math.sqrt(a_prev) * x0_hat[i].double() + math.sqrt(1 - a_prev - sigma ** 2) * eps[i].double() + sigma * z[i]
+        close(ddim[i], expected, tol=1e-4 if s_prev < 0 else 1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_clipped_step_matches_reference(diff, eta):
+    """With clipping, x0_hat is clamped to [-1, 1] and eps is recomputed from it before eq. 12."""
+    target, eps = torch.rand(2, 3, 4, 4).double() * 4 - 2, torch.randn(2, 3, 4, 4)  # x0 predictions in [-2, 2]
+    for t, t_prev in [(999, 979), (500, 250), (17, 3), (0, -1)]:
+        a, a_prev = ABAR[t], abar_at(t_prev)
+        x_t = (math.sqrt(a) * target + math.sqrt(1 - a) * eps.double()).float()
+        x0_hat = ((x_t.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)).clamp(-1, 1)
+        assert (x0_hat.abs() == 1).any() and (x0_hat.abs() < 1).any()  # the clamp does something, not everything
+        eps_clipped = (x_t.double() - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t)).double() if t_prev >= 0 else 0.0
+        expected = math.sqrt(a_prev) * x0_hat + math.sqrt(1 - a_prev - sigma ** 2) * eps_clipped + sigma * z
+        got, got_x0 = diff.ddim_step(eps, x_t, at(t), at(t_prev), eta, torch.Generator().manual_seed(t), clip=True)
+        close(got_x0, x0_hat, tol=2e-6 / math.sqrt(a))  # x0_hat amplifies float32 rounding by 1/sqrt(abar)
+        close(got, expected, tol=2e-6 / math.sqrt(a) if t_prev < 0 else 1e-5)
 
 
 def small_dit(**kw):
@@ -236,6 +319,33 @@ def test_min_snr_weighting_matches_the_formula():
     close(base, (noise ** 2).mean())
     close(loss, torch.tensor(expected), tol=1e-5)
     assert loss < base  # low-noise samples (SNR > 5) are down-weighted
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_min_snr_weighting_of_v_and_x0_predictions(prediction):
+    """For v (and x0, whose loss is taken on the v it implies) min-SNR-gamma scales each sample's loss by
+    min(SNR_t, gamma) / (SNR_t + 1): the x0-scale weight min(SNR, gamma) in v units."""
+    x0, y = torch.rand(8, 3, 4, 4) * 2 - 1, torch.zeros(8, dtype=torch.long)
+    zero = lambda x, t, y: torch.zeros_like(x)  # noqa: E731
+    loss, _, _ = Diffusion(loss="mse", prediction=prediction, min_snr_gamma=5.0).training_loss(
+        zero, x0, y, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)  # the draws training_loss makes, in its order
+    t, noise = torch.randint(0, T, (8,), generator=g), torch.randn(x0.shape, generator=g).double()
+    assert min(t) < 700 < max(t)  # both sides of SNR = 5 (t ~ 180)
+    a = torch.tensor([ABAR[i] for i in t.tolist()], dtype=torch.float64).view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0.double()
+    out = 0.0 if prediction == "v" else a.sqrt() * (a.sqrt() * x0 + (1 - a).sqrt() * noise) / (1 - a).sqrt().clamp(min=0.05)
+    snr = (a / (1 - a)).flatten()
+    weight = snr.clamp(max=5.0) / (snr + 1)
+    close(loss, (weight * ((out - v) ** 2).flatten(1).mean(1)).mean(), tol=1e-5)
+
+
+def test_negative_min_snr_gamma_is_refused():
+    """A negative gamma would make the loss weights negative (a zero model scores below 0): one clear error."""
+    with pytest.raises(SystemExit) as e:
+        build_config({"preset": "tiny", "min_snr_gamma": -1.0})
+    assert str(e.value).startswith("error: min_snr_gamma must be >= 0")
+    assert build_config({"preset": "tiny", "min_snr_gamma": 0.0}).min_snr_gamma == 0.0
 
 
 def test_hybrid_loss_is_mse_at_high_noise_and_l1_below():

@@ -15,6 +15,14 @@ def tiny_dit(**kw):
     return DiT(**{**args, **kw})
 
 
+def perturbed(model):
+    """Every weight made non-trivial (adaLN-Zero would hide the blocks and zero the output)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
 @pytest.mark.parametrize("kw", [
     dict(),  # the tiny preset
     dict(num_heads=6, head_dim=64),  # the description's heads: 6 x 64 on a 32-wide stream
@@ -22,14 +30,19 @@ def tiny_dit(**kw):
     dict(adaln_zero=False, depth=1, mlp_ratio=2.0, freq_dim=33),
     dict(adaln_zero=False, mlp_act="relu"),
 ])
-def test_output_shape_matches_input(kw):
-    """eps = DiT(x_t, t, y) has the image's shape (N, C, H, W) for several architectures."""
-    model = tiny_dit(**kw)
+def test_each_prediction_depends_on_its_own_image_step_and_label(kw):
+    """eps = DiT(x_t, t, y) has the image's shape (N, C, H, W) for several architectures; image i's prediction
+    is what it gets alone (nothing leaks across the batch) and changes with its x_t, its t and its label."""
+    model = perturbed(tiny_dit(**{"num_labels": 2, **kw}))
     C, H = kw.get("in_channels", 3), kw.get("image_size", 16)
-    x = torch.randn(3, C, H, H)
-    out = model(x, torch.tensor([0, 5, 99]), torch.zeros(3, dtype=torch.long))
-    assert out.shape == (3, C, H, H)
-    assert torch.isfinite(out).all()
+    x, t, y = torch.randn(3, C, H, H), torch.tensor([0, 5, 99]), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        out = model(x, t, y)
+        assert out.shape == (3, C, H, H)
+        for i in range(3):
+            torch.testing.assert_close(out[i:i + 1], model(x[i:i + 1], t[i:i + 1], y[i:i + 1]), atol=1e-5, rtol=1e-5)
+        for changed in (model(x + 0.3 * torch.randn_like(x), t, y), model(x, t + 1, y), model(x, t, 1 - y)):
+            assert ((changed - out).flatten(1).abs().mean(1) > 1e-4).all()
 
 
 def test_patchify_unpatchify_round_trip_is_exact():
@@ -52,6 +65,26 @@ def test_adaln_zero_starts_as_zero_output_and_identity_blocks():
     h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     for block in model.blocks:
         assert torch.equal(block(h, c), h)
+
+
+def test_labels_condition_the_output_after_a_few_steps():
+    """adaLN-Zero starts label-blind (output 0 for every label); a few Adam steps towards a target that
+    depends on the label make the predictions for the two labels move apart, each towards its own target."""
+    torch.manual_seed(0)
+    model = tiny_dit(num_labels=2, adaln_zero=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, t = torch.randn(8, 3, 16, 16), torch.randint(0, 1000, (8,))
+    y = torch.tensor([0, 1] * 4)
+    target = (0.5 - y.float()).view(-1, 1, 1, 1).expand_as(x)  # +0.5 for label 0, -0.5 for label 1
+    by_label = lambda: [model(x, t, torch.full_like(y, k)).mean().item() for k in (0, 1)]  # noqa: E731
+    assert by_label() == [0.0, 0.0]
+    for _ in range(5):
+        optimizer.zero_grad()
+        (model(x, t, y) - target).square().mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        first, second = by_label()
+    assert first - second > 0.05
 
 
 def test_plain_init_is_not_zero():
@@ -110,12 +143,15 @@ def test_label_dropout_only_in_training_mode():
 
 
 def test_from_config_builds_the_preset(tiny_cfg):
-    """DiT.from_config honours the config's architecture (tiny: 2 blocks, width 32, 2 heads x 16, 16 tokens)."""
+    """DiT.from_config honours the config's architecture (tiny: 2 blocks, width 32, 2 heads x 16, MLP 4 x 32,
+    4-pixel patches, 16 tokens, one label and no null row) and its adaLN-Zero init (a zero first prediction)."""
     model = DiT.from_config(tiny_cfg)
     assert len(model.blocks) == 2 and model.pos_embed.shape == (1, 16, 32)
     assert model.blocks[0].attn.qkv.out_features == 3 * 2 * 16
+    assert model.blocks[0].mlp[0].out_features == 4 * 32 and model.x_embedder.kernel_size == (4, 4)
+    assert model.t_embedder.freq_dim == tiny_cfg.freq_dim and model.y_embedder.table.num_embeddings == 1
     x = torch.randn(2, 3, 16, 16)
-    assert model(x, torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)).shape == x.shape
+    assert torch.equal(model(x, torch.tensor([0, 99]), torch.zeros(2, dtype=torch.long)), torch.zeros_like(x))
 
 
 def test_mlp_act_relu_changes_only_the_activation(tiny_cfg):

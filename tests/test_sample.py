@@ -1,4 +1,5 @@
 """sample.py from real (tiny) checkpoints: files written, determinism, labels, guidance, and clear errors."""
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -177,9 +178,44 @@ def test_guidance_needs_label_dropout(runs, plain, tmp_path):
         run_sample("--ckpt", guided, "--cfg", scale, "--n", 2, "--steps", 3, "--label", "red", "--out", tmp_path / f"s{scale}")
     assert (tmp_path / "s3/grid.png").exists()
     _, model = sample.load_model(checkpoint.load_checkpoint(guided), True, torch.device("cpu"))
-    x, t, y = torch.randn(2, 3, 16, 16), torch.full((2,), 500), torch.ones(2, dtype=torch.long)
-    eps1, eps3 = (diffusion.Diffusion.guided_eps(model, x, t, y, s) for s in (1.0, 3.0))
-    assert (eps1 - eps3).abs().max() > 0  # the guided run has a null label, and --cfg uses it
+    assert model.null_label == 2 and model.y_embedder.table.num_embeddings == 3  # 2 labels + the null row, saved
+    # (four steps leave this model nearly label-blind: what --cfg does to the images is checked below with a stub)
+
+
+class PictureModel:
+    """A stand-in network that knows one fixed picture per label (TABLE[y]) and predicts it exactly from any
+    x_t: the picture itself as an x0 model, or the v it implies as a v model."""
+    null_label = 2
+    TABLE = torch.cat([torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8 - 0.4,
+                       torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.4 - 0.2])
+
+    def __init__(self, prediction):
+        self.prediction, self.abar = prediction, diffusion.Diffusion(1000).alphas_cumprod_64
+
+    def __call__(self, x, t, y):
+        x0 = self.TABLE[y].double()
+        if self.prediction == "x0":
+            return x0.float()
+        a = self.abar[t].view(-1, 1, 1, 1)
+        eps = (x.double() - a.sqrt() * x0) / (1 - a).sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_guidance_extrapolates_the_models_output_for_v_and_x0_models(plain, tmp_path, monkeypatch, prediction):
+    """Through sample.py, --cfg s samples from uncond + s (cond - uncond) of the model's own output (v or x0):
+    with a model that draws a fixed picture per label, each PNG is that extrapolated picture, mapped from
+    [-1, 1] to 0..255 at the model's resolution; --cfg 1 draws the conditional picture alone."""
+    real = sample.load_model
+    monkeypatch.setattr(sample, "load_model", lambda *a: (dataclasses.replace(real(*a)[0], prediction=prediction),
+                                                          PictureModel(prediction)))
+    cond, uncond = PictureModel.TABLE[1], PictureModel.TABLE[2]
+    for scale, picture in ((1, cond), (2, uncond + 2 * (cond - uncond))):
+        run_sample("--ckpt", plain, "--cfg", scale, "--label", "red", "--n", 2, "--steps", 5, "--out", tmp_path / str(scale))
+        expected = ((picture + 1) / 2 * 255 + 0.5).floor().permute(1, 2, 0).numpy()
+        for i in range(2):
+            assert Image.open(tmp_path / f"{scale}/{i:04d}.png").size == (16, 16)
+            assert np.abs(pixels(tmp_path / f"{scale}/{i:04d}.png") - expected).max() <= 1, (scale, i)
 
 
 def test_steps_default_and_bounds(plain, tmp_path, capsys):
