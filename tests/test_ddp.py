@@ -115,10 +115,10 @@ def _rank_main(rank, world_size, port, workdir, argv, queue):
         report["logged_loss"].append(float(out["loss"]))
         return out
 
-    def run_loop(r, p):
-        real_loop(r, p)
-        report.update(step=p["step"], epoch=p["epoch"], epoch_pos=p["epoch_pos"], model=digest(r.model.state_dict()),
-                      ema=digest(r.ema.state_dict()), rng=hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+    def run_loop(run, progress):
+        real_loop(run, progress)
+        report.update(step=progress.step, epoch=progress.epoch, epoch_pos=progress.epoch_pos, model=digest(run.model.state_dict()),
+                      ema=digest(run.ema.state_dict()), rng=hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
                       world_size=dist.get_world_size() if dist.is_initialized() else 1)
 
     def sample_grid(*args, **kwargs):

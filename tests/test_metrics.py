@@ -78,16 +78,6 @@ def test_nonfinite_samples_give_nonfinite_score_and_mismatch_is_refused():
         metrics.swd(real, pandas(4, size=32))
 
 
-def test_holdout_split_is_the_last_sorted_files():
-    files = [("d/b.png", 0), ("d/c.png", 1), ("d/a.png", 0), ("d/e.png", 1), ("d/d.png", 0)]
-    train, held = metrics.holdout_split(files, 2)
-    assert held == [("d/d.png", 0), ("d/e.png", 1)]
-    assert train == [("d/b.png", 0), ("d/c.png", 1), ("d/a.png", 0)]  # order kept
-    assert metrics.holdout_split([f for f, _ in files], 0) == ([f for f, _ in files], [])
-    with pytest.raises(metrics.DataError, match="holdout"):
-        metrics.holdout_split(files, 5)
-
-
 def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
     real, fake = make_pandas(tmp_path / "real", 6, size=32), make_pandas(tmp_path / "fake", 6, size=32, seed=1)
     metrics.main([real, fake, "--size", "32", "--n", "6"])
@@ -118,6 +108,7 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
     assert sorted(swds) == [2, 4, 6] and all(math.isfinite(v) and v > 0 for v in swds.values())
     assert {"Quality/swd_level_64", "Quality/swd_level_32", "Quality/swd_level_16"} <= set(events.Tags()["scalars"])
     assert "Quality/samples" in events.Tags()["images"]
+    assert events.Images("Quality/samples")[0].width == 2 * 130 + 2  # 4 samples of 16 px, enlarged to 128 px
     best = torch.load(tmp_path / "checkpoints" / "q" / "best.pt", weights_only=True)
     assert best["best_swd"] == pytest.approx(min(swds.values()), rel=1e-5)
     assert best["step"] == min(swds, key=swds.get) and "model" in best and "ema" in best

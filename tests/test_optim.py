@@ -1,0 +1,55 @@
+"""optim.py: the learning-rate and EMA schedules, and the optimizer a resumed run steps with."""
+import dataclasses
+
+import pytest
+import torch
+
+import checkpoint
+import config
+import optim
+
+
+def test_cosine_lr_decays_over_whichever_budget_ends_first():
+    """Warm-up is linear; cosine reaches 10% at --max-steps, or at the end of --max-minutes if that comes first."""
+    cfg = config.build_config({"preset": "tiny", "lr": 1.0, "warmup_steps": 10, "max_steps": 110, "lr_schedule": "cosine"})
+    assert [optim.lr_at(cfg, s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [optim.lr_at(cfg, s) for s in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    assert optim.lr_at(cfg, 60, elapsed=1e9) == pytest.approx(0.55)  # no time budget: the clock is ignored
+    timed = dataclasses.replace(cfg, max_minutes=2.0)
+    assert [optim.lr_at(timed, 20, elapsed=s) for s in (0, 60, 120, 999)] == pytest.approx([optim.lr_at(cfg, 20), 0.55, 0.1, 0.1])
+    assert optim.lr_at(timed, 5, elapsed=60) == pytest.approx(0.6 * 0.55)  # warm-up and decay multiply
+    assert optim.lr_at(dataclasses.replace(timed, lr_schedule="constant"), 60, elapsed=999) == 1.0
+
+
+def test_ema_decay_warms_up_or_follows_the_power_function():
+    """Default: min(0.999, (1+step)/(10+step)). With --ema-gamma the EMA is the whole run's weights averaged
+    with weight ~ step^gamma, so its mean age grows with the run: after T steps it sits at ~(gamma+1)/(gamma+2) T."""
+    cfg = config.build_config({"preset": "panda48"})
+    assert [optim.ema_decay_at(dataclasses.replace(cfg, ema_gamma=0.0), s) for s in (0, 90, 10**5)] == pytest.approx([0.1, 0.91, 0.999])
+    for gamma, steps in ((3.0, 1000), (3.0, 4000), (1.0, 1000)):
+        power = dataclasses.replace(cfg, ema_gamma=gamma)
+        avg = 0.0
+        for step in range(steps):  # the EMA of a weight that equals the step count
+            decay = optim.ema_decay_at(power, step)
+            avg = decay * avg + (1 - decay) * (step + 1)
+        assert avg == pytest.approx((gamma + 1) / (gamma + 2) * steps, rel=1e-3)
+    no_decay = config.build_config({"preset": "tiny", "ema_decay": 0.0, "ema_gamma": 3.0})
+    assert optim.build_training(no_decay, torch.device("cpu"), 1)[1] is not None  # --ema-gamma alone turns the EMA on
+
+
+def test_resume_keeps_this_runs_optimizer_kernel():
+    """A checkpoint written by the unfused Adam resumes with the fused one build_training picks (and the state)."""
+    cfg = config.build_config({"preset": "tiny", "device": "cpu"}, False)
+    model, ema, optimizer, _ = optim.build_training(cfg, torch.device("cpu"), 1)
+    old = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # what runs saved before the fused kernel
+    x, t, y = torch.randn(2, 3, cfg.image_size, cfg.image_size), torch.tensor([500, 20]), torch.zeros(2, dtype=torch.long)
+    model(x, t, y).square().mean().backward()
+    old.step()
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": old.state_dict(),
+             "rng": checkpoint.rng_states(torch.device("cpu")), "step": 1}
+    assert optimizer.param_groups[0]["fused"] is True and state["optimizer"]["param_groups"][0]["fused"] is None
+    assert checkpoint.restore(state, model, ema, optimizer, torch.device("cpu")).step == 1
+    assert optimizer.param_groups[0]["fused"] is True
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 1
+    optimizer.step()  # the fused kernel accepts the state the unfused one wrote
+    assert int(optimizer.state[next(model.parameters())]["step"]) == 2
