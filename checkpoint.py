@@ -44,6 +44,10 @@ class Progress:
 # training state <-> checkpoint dict
 
 
+# Optimizer settings a resume takes from this run's config and machine, not from the checkpoint (lr is set every step).
+OPTIMIZER_SETTINGS = ("fused", "foreach", "weight_decay", "decoupled_weight_decay")
+
+
 def rng_states(device):
     states = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -77,12 +81,13 @@ def restore(state, model, ema, optimizer, device):
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-        # the saved groups carry the Adam kernel of the run that wrote them (unfused before fused was the
-        # default, or another device's choice): keep the one build_training made for this machine
-        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+        # the saved groups carry the settings of the run that wrote them: keep those build_training chose for this
+        # machine (the Adam kernel) and this config (weight decay; AdamW is Adam with decoupled decay), so a
+        # resume with a new --weight-decay or --optimizer trains and saves with it
+        chosen = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
-        for group, chosen in zip(optimizer.param_groups, kernels):
-            group.update(chosen)
+        for group, settings in zip(optimizer.param_groups, chosen):
+            group.update(settings)
         set_rng_states(state["rng"], device)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint '{state.get('path', '?')}' does not fit this model or is incomplete "

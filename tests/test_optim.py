@@ -7,6 +7,7 @@ import torch
 import checkpoint
 import config
 import optim
+from conftest import make_pandas, run_train
 
 
 def test_cosine_lr_decays_over_whichever_budget_ends_first():
@@ -53,3 +54,13 @@ def test_resume_keeps_this_runs_optimizer_kernel():
     assert int(optimizer.state[next(model.parameters())]["step"]) == 1
     optimizer.step()  # the fused kernel accepts the state the unfused one wrote
     assert int(optimizer.state[next(model.parameters())]["step"]) == 2
+
+
+def test_resume_takes_weight_decay_and_optimizer_from_the_new_flags(tmp_path):
+    """A run resumed with --optimizer adamw --weight-decay 0.05 trains with them and saves them, not the checkpoint's."""
+    data = make_pandas(tmp_path / "pandas", 4)
+    run_train(tmp_path / "work", data, "--max-steps", 2, "--sample-every", 0, "--no-log-graph")
+    run_train(tmp_path / "work", data, "--max-steps", 4, "--sample-every", 0, "--no-log-graph",
+              "--optimizer", "adamw", "--weight-decay", 0.05)
+    group = torch.load(tmp_path / "work/checkpoints/tiny/latest.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["decoupled_weight_decay"]) == (0.05, True)
