@@ -31,7 +31,7 @@ class Config:
     # --- model (DiT) ---
     image_size: int = knob(64, "training/sampling resolution in pixels (square)")
     patch_size: int = knob(4, "patch side in pixels; tokens = (image_size / patch_size)^2")
-    in_channels: int = knob(3, "image channels (RGB)")
+    in_channels: int = knob(3, "image channels: 3, the images are read as RGB")
     emb_dim: int = knob(64, "width of the token stream")
     depth: int = knob(3, "number of DiT blocks")
     num_heads: int = knob(6, "attention heads per block")
@@ -39,7 +39,7 @@ class Config:
     mlp_ratio: float = knob(4.0, "MLP hidden width = mlp_ratio * emb_dim")
     mlp_act: str = knob("gelu", "MLP activation: gelu (as in DiT, in its exact form) or relu (cheaper on a CPU: ~5%% less time per step of the CPU presets)")
     freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
-    num_labels: int = knob(1, "number of labels (overridden by the data: one per sub-folder)")
+    num_labels: int = knob(1, "number of labels: one per sub-folder of the data (a different value is refused)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
     adaln_zero: bool = knob(True, "zero-init the adaLN gates and the output layer so each block starts as identity")
     # --- diffusion ---
@@ -201,6 +201,8 @@ def check_config(cfg):
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
+    if cfg.in_channels != 3:
+        problems.append(f"in_channels must be 3, not {cfg.in_channels}: every image is read as RGB")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 

@@ -320,7 +320,7 @@ def main(argv=None):
             created = check_writable(os.path.join(cfg.ckpt_dir, cfg.run), os.path.join(cfg.log_dir, cfg.run),
                                      fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
         data, held_out = load_data(cfg, rank)
-        fit_config_to_data(cfg, data, state, rank)
+        fit_config_to_data(cfg, data, state, rank, overrides)
         run, progress = setup_run(cfg, data, held_out, state, device, rank, world_size)
         if progress.step == 0:
             log_start(run)
@@ -341,8 +341,11 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
-def fit_config_to_data(cfg, data, state, rank):
+def fit_config_to_data(cfg, data, state, rank, overrides):
     """Labels from the data; a resume must match the checkpoint's architecture; config.json for the record."""
+    if overrides.get("num_labels", len(data.classes)) != len(data.classes):
+        raise SystemExit(f"error: --num-labels {overrides['num_labels']} but {cfg.data_dir or DEFAULT_DATA_DIR} has "
+                         f"{len(data.classes)} label(s) (one per sub-folder); drop --num-labels, the data sets it")
     cfg.num_labels = len(data.classes)
     random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
     if state is not None:

@@ -121,6 +121,17 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     assert sorted(os.listdir(tmp_path / "work")) == []
 
 
+def test_num_labels_that_disagree_with_the_label_folders_are_refused(tmp_path, capsys):
+    """--num-labels 3 on two label folders is one error line, not silently replaced by 2; the matching value trains."""
+    make_pandas(tmp_path / "pandas" / "giant", 2, seed=0)
+    make_pandas(tmp_path / "pandas" / "red", 2, seed=1)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "work", tmp_path / "pandas", "--max-steps", 1, "--num-labels", 3)
+    assert str(e.value.code).startswith("error: --num-labels 3") and "2 label(s)" in str(e.value.code)
+    run_train(tmp_path / "work", tmp_path / "pandas", "--max-steps", 1, "--num-labels", 2, "--sample-every", 0, "--no-log-graph")
+    assert torch.load(tmp_path / "work/checkpoints/tiny/latest.pt", weights_only=True)["config"]["num_labels"] == 2
+
+
 def test_failed_start_keeps_folders_it_did_not_make(tmp_path):
     """A failed start removes only the empty folders it created itself: an existing run folder stays."""
     (tmp_path / "work" / "checkpoints" / "tiny").mkdir(parents=True)
@@ -224,7 +235,7 @@ def test_tiny_model_overfits_four_images():
                                           ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "score"),
                                           ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step"),
                                           ("mlp_act", "silu"), ("sample_steps", 0), ("lr", 0.0), ("mlp_ratio", 0.0),
-                                          ("ema_decay", 1.0)])
+                                          ("ema_decay", 1.0), ("in_channels", 1)])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
