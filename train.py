@@ -425,19 +425,25 @@ def train_until_stop(run, progress, stopper, bar):
 
 
 def loader_batches(loader, stopper):
-    """The loader's batches; once a stop is requested, a loader that fails just ends: a SIGTERM to the whole
-    process group (timeout, Slurm, kill -- -PGID) kills its workers too, and the trainer still has a step to save."""
+    """The loader's batches; once a stop is requested, a loader whose workers died just ends: a SIGTERM to the whole
+    process group (timeout, Slurm, kill -- -PGID) kills them too, and the trainer still has a step to save.
+    Any other error propagates."""
     it = iter(loader)
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return
-        except Exception:
-            if stopper.requested:
+        except RuntimeError as e:
+            if stopper.requested and worker_died(e):
                 return
             raise
         yield batch
+
+
+def worker_died(error):
+    """The DataLoader's own error for a worker that exited or was killed (not one a worker's dataset raised)."""
+    return str(error).startswith("DataLoader worker (pid")
 
 
 if __name__ == "__main__":

@@ -320,6 +320,17 @@ def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising
             list(train.loader_batches(dying_loader(), stopper))
 
 
+@pytest.mark.parametrize("error", [ValueError("a bad batch"), RuntimeError("CUDA error: out of memory")])
+def test_a_loader_failing_otherwise_after_a_stop_request_still_raises(error):
+    """Only the loader's own dead-worker error is taken for the stop's doing: any other error is real, stop or not."""
+    def failing_loader():
+        yield "batch 0"
+        raise error
+
+    with pytest.raises(type(error), match=str(error)):
+        list(train.loader_batches(failing_loader(), types.SimpleNamespace(requested=True)))
+
+
 @pytest.mark.parametrize("during", ["load_data", "log_start"])
 def test_ctrl_c_before_training_starts_exits_130_without_a_traceback(during, monkeypatch, capsys):
     """Ctrl-C while images are decoded or the model is built and logged (no Stopper yet) is a one-line exit 130,
