@@ -1,6 +1,6 @@
-"""Checkpoints that survive crashes and refuse foreign code.
+"""Training state <-> checkpoint dict, and checkpoint files that survive crashes and refuse foreign code.
 
-A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, step, epoch,
+A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, the Progress counters: step, epoch,
 data position, RNG states, config as a dict, class names). Each is written to a temporary file
 in the same folder, fsynced, then renamed over its final name, so a crash at any moment
 leaves either the old file or the new one (a killed writer's temp file is removed by the next

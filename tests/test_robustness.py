@@ -204,7 +204,7 @@ def test_sigint_mid_epoch_then_resume_is_exact_and_tensorboard_continues(straigh
         real_account(run, progress, out)
         if progress.step == 7 and not interrupted:
             interrupted.append(True)
-            signal.raise_signal(signal.SIGINT)  # handled by train.Stopper, like a real Ctrl-C
+            signal.raise_signal(signal.SIGINT)  # handled by distributed.Stopper, like a real Ctrl-C
 
     monkeypatch.setattr(train, "account", account)
     run()
@@ -231,7 +231,7 @@ def test_sigterm_while_waiting_for_a_batch_that_never_comes_saves_the_last_step(
     def getitem(self, item):
         if state.get("step") == 7:
             state["step"] = None
-            signal.raise_signal(signal.SIGTERM)  # handled by train.Stopper
+            signal.raise_signal(signal.SIGTERM)  # handled by distributed.Stopper
             raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
         return real_getitem(self, item)
 
