@@ -1,6 +1,6 @@
 """How fast is it, and how far from the hardware? Training, sampling and data loading, measured.
 
-    python bench.py                         # full bench, ~10 minutes on 2 CPU cores
+    python bench.py                         # full bench: minutes on a CPU (docs/experiments.md)
     python bench.py --quick                 # sub-minute check (small batches, extrapolated sampling)
     python bench.py --presets panda64 --json bench.json
     python bench.py --device cuda --compile
@@ -16,7 +16,6 @@ configuration runs in a fresh subprocess so its peak memory is its own.
 import argparse
 import itertools
 import json
-import math
 import os
 import platform
 import resource
@@ -28,15 +27,15 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from config import ARCH_FIELDS, PRESETS, build_config
 from dataset import EpochBatches, ImageCache, find_images, generate_pandas, make_loader
 from diffusion import make_diffusion
+from distributed import select_device
 from dit import DiT
+from naive_dit import NaiveDiT, naive_from
+from optim import build_training, train_step
 
-REAL_DATA = "../shared/data/pandas"  # the team's photos beside the repo; absent in a fresh clone
 HERE = os.path.dirname(os.path.abspath(__file__))
 # warm-up steps, min timed steps and seconds per training config; seconds per sampler, matmul peak,
 # data-loader timing; images in the data folder (0 = all)
@@ -59,114 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="training batch for every preset (default: the preset's)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive model (no speed-up or memory ratio)")
     p.add_argument("--data-dir", default="",
-                   help=f"image folder for the data pipeline (default: {REAL_DATA} if present, else generated pandas)")
+                   help="image folder for the data pipeline, e.g. your photos (default: generated pandas)")
     p.add_argument("--workers", default="",
                    help="comma-separated DataLoader worker counts to compare (default: 0 and the config default)")
     p.add_argument("--child", default="", metavar="SPEC",
                    help="internal: run one training measurement, described by a JSON spec, in this process")
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------------------------
-# The naive formulation: the same network written as the reference implementation wrote it.
-
-
-def naive_modulate(x, shift, scale):
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-class NaiveAttention(nn.Module):
-    """Separate q/k/v maps and an explicit (N, H, T, T) softmax(QK^T / sqrt(d)) in memory."""
-
-    def __init__(self, dim, num_heads, head_dim):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.q, self.k, self.v = (nn.Linear(dim, num_heads * head_dim) for _ in range(3))
-        self.proj = nn.Linear(num_heads * head_dim, dim)
-
-    def forward(self, x):
-        N, T, _ = x.shape
-        q, k, v = (f(x).view(N, T, self.num_heads, self.head_dim).transpose(1, 2)
-                   for f in (self.q, self.k, self.v))  # (N, H, T, d) each
-        attn = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)  # (N, H, T, T)
-        return self.proj((attn @ v).transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
-
-
-class NaiveDiTBlock(nn.Module):
-    """A DiT block with one Linear per modulation parameter (alpha/beta/gamma) instead of one fused map."""
-
-    def __init__(self, dim, num_heads, head_dim, hidden, act):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = NaiveAttention(dim, num_heads, head_dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), act, nn.Linear(hidden, dim))
-        self.modulation = nn.ModuleList([nn.Linear(dim, dim) for _ in range(6)])
-
-    def forward(self, x, c):
-        c = F.silu(c)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m(c) for m in self.modulation)
-        x = x + gate_msa.unsqueeze(1) * self.attn(naive_modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(naive_modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class NaiveFinalLayer(nn.Module):
-    """Final layer with separate shift and scale maps."""
-
-    def __init__(self, dim, out_features):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, out_features)
-        self.modulation = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
-
-    def forward(self, x, c):
-        shift, scale = (m(F.silu(c)) for m in self.modulation)
-        return self.linear(naive_modulate(self.norm(x), shift, scale))
-
-
-class NaiveDiT(DiT):
-    """DiT as first written: naive blocks and final layer, and the token stream left in the conv's
-    (N, D, T) memory order by `embedding + pos_embed` (as in the original DiT code and this repo
-    before its speed work). Load a DiT's weights with naive_state_dict()."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        dim, attn, mlp = self.pos_embed.shape[-1], self.blocks[0].attn, self.blocks[0].mlp
-        self.blocks = nn.ModuleList([NaiveDiTBlock(dim, attn.num_heads, attn.head_dim, mlp[0].out_features, type(mlp[1])())
-                                     for _ in self.blocks])
-        self.final_layer = NaiveFinalLayer(dim, self.final_layer.linear.out_features)
-
-    def forward(self, x, t, y):
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D), strided as (N, D, T)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        return self.unpatchify(self.final_layer(x, c))  # (N, C, H, W)
-
-
-def naive_state_dict(fast_state):
-    """Split a DiT state dict's fused qkv and adaLN weights into NaiveDiT's separate layers."""
-    out = {}
-    for key, value in fast_state.items():
-        prefix, _, leaf = key.rpartition(".")  # leaf: weight or bias
-        if prefix.endswith("attn.qkv"):
-            names = [prefix[:-3] + n for n in "qkv"]
-        elif prefix.endswith("adaLN_modulation.1"):
-            base = prefix[:-len("adaLN_modulation.1")]
-            names = [f"{base}modulation.{j}" for j in range(6 if key.startswith("blocks.") else 2)]
-        else:
-            out[key] = value
-            continue
-        out.update({f"{name}.{leaf}": part for name, part in zip(names, value.chunk(len(names)))})
-    return out
-
-
-def naive_from(cfg, fast):
-    """A NaiveDiT built from the same config, computing exactly what `fast` computes."""
-    naive = NaiveDiT.from_config(cfg)
-    naive.load_state_dict(naive_state_dict(fast.state_dict()))
-    return naive.to(next(fast.parameters()).device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,20 +169,19 @@ def cpu_name():
 
 
 def child_setup(spec):
-    import train
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     overrides = dict(preset=spec["preset"], batch_size=spec["batch"], device=spec["device"],
-                     compile=spec["compile"], ema_decay=0.0, ema_gamma=0.0)  # the step measured is train.train_step: no EMA
+                     compile=spec["compile"], ema_decay=0.0, ema_gamma=0.0)  # the step measured is optim.train_step: no EMA
     cfg = build_config(overrides, torch.cuda.is_available())
-    return train, cfg, train.select_device(cfg.device, 0, cfg.amp)
+    return cfg, select_device(cfg.device, 0, cfg.amp)
 
 
 def child_train(spec):
-    """Step times and peak memory of train.train_step for the fast or the naive model."""
-    train, cfg, device = child_setup(spec)
+    """Step times and peak memory of optim.train_step for the fast or the naive model."""
+    cfg, device = child_setup(spec)
     peak = peaks(device, spec["peak_seconds"])[0] if spec["peak_seconds"] else {}
-    model, _, optimizer, train_model = train.build_training(cfg, device, 1)
+    model, _, optimizer, train_model = build_training(cfg, device, 1)
     if spec["naive"]:
         model = naive_from(cfg, model)
         optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)  # same class and settings
@@ -297,7 +193,7 @@ def child_train(spec):
 
     def step():
         x, y = next(batches)
-        train.train_step(train_model, optimizer, diffusion, x, y, cfg.lr, cfg, autocast)
+        train_step(train_model, optimizer, diffusion, x, y, cfg.lr, cfg, autocast)
 
     times = timed(step, spec["warmup"], spec["steps"], spec["budget"], device, 3 if cfg.compile else 1)
     return dict(step_times=times, peak_bytes=peak_memory(device), threads=torch.get_num_threads(), peak=peak,
@@ -407,9 +303,9 @@ def bench_data(folder, cache_dir, size, batch, workers, seconds):
 
 
 def data_folder(args, limit, tmp):
-    """The folder the data pipeline reads: --data-dir, the real photos, or generated pandas."""
-    folder = args.data_dir or os.path.join(HERE, REAL_DATA)
-    if not args.data_dir and not os.path.isdir(folder):
+    """The folder the data pipeline reads: --data-dir, else generated pandas."""
+    folder = args.data_dir
+    if not folder:
         folder = os.path.join(tmp, "generated")
         generate_pandas(folder, limit or 200, size=256)
         return folder, "generated pandas"
@@ -419,7 +315,7 @@ def data_folder(args, limit, tmp):
         os.makedirs(folder)
         for path in files[:limit]:
             os.symlink(os.path.abspath(path), os.path.join(folder, os.path.basename(path)))
-    return folder, args.data_dir or REAL_DATA
+    return folder, args.data_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,11 +498,10 @@ def main(argv=None):
         print(RESULT + json.dumps(child_train(json.loads(args.child))), flush=True)
         return
     groups = arch_groups([p for p in args.presets.split(",") if p])  # an unknown preset stops here, not minutes later
-    import train
     if args.threads:
         torch.set_num_threads(args.threads)
     mode = MODES["quick" if args.quick else "full"]
-    device = train.select_device(args.device, 0, True)  # as train.py's default --amp
+    device = select_device(args.device, 0, True)  # as train.py's default --amp
     report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
     peak, precision = peaks(device, mode["peak"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

@@ -1,6 +1,6 @@
-"""Checkpoints that survive crashes and refuse foreign code.
+"""Training state <-> checkpoint dict, and checkpoint files that survive crashes and refuse foreign code.
 
-A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, step, epoch,
+A checkpoint is a dict of tensors and plain Python data (model, ema, optimizer, the Progress counters: step, epoch,
 data position, RNG states, config as a dict, class names). Each is written to a temporary file
 in the same folder, fsynced, then renamed over its final name, so a crash at any moment
 leaves either the old file or the new one (a killed writer's temp file is removed by the next
@@ -9,8 +9,10 @@ then latest.pt (a kill between the two renames leaves it one checkpoint behind),
 step files, and skips any unreadable file with a warning. Loading always uses `weights_only=True`,
 so a file that would run code when unpickled is refused.
 """
+import dataclasses
 import os
 import pickle
+import random
 import re
 import shutil
 import warnings
@@ -23,6 +25,75 @@ TEMP_FILE = re.compile(r"^\..+\.pt\.tmp(\d+)$")  # what atomic_save/_copy_latest
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used, explained in one sentence."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """The loop's counters, saved as top-level checkpoint keys: where the run is and how it went."""
+    step: int = 0
+    epoch: int = 0
+    epoch_pos: int = 0  # images of this epoch already trained on, across all ranks
+    epoch_loss_sum: float = 0.0
+    epoch_batches: int = 0
+    bad_steps: int = 0  # non-finite steps in a row
+    skipped_steps: int = 0  # non-finite steps in all
+    best_swd: float = 0.0  # 0: no evaluation yet
+
+
+# ---------------------------------------------------------------------------------------------
+# training state <-> checkpoint dict
+
+
+# Optimizer settings a resume takes from this run's config and machine, not from the checkpoint (lr is set every step).
+OPTIMIZER_SETTINGS = ("fused", "foreach", "weight_decay", "decoupled_weight_decay")
+
+
+def rng_states(device):
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
+    torch.set_rng_state(states["torch"].cpu())
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+def make_state(model, ema, optimizer, progress, cfg, classes, device):
+    """The checkpoint dict: tensors and plain data only, so weights_only loading accepts it."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        **dataclasses.asdict(progress),
+        "rng": rng_states(device),
+        "config": vars(cfg).copy(),
+        "classes": list(classes),
+    }
+
+
+def restore(state, model, ema, optimizer, device):
+    """Weights, EMA, optimizer and RNG states from a checkpoint; returns the loop's Progress."""
+    try:
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
+        # the saved groups carry the settings of the run that wrote them: keep those build_training chose for this
+        # machine (the Adam kernel) and this config (weight decay; AdamW is Adam with decoupled decay), so a
+        # resume with a new --weight-decay or --optimizer trains and saves with it
+        chosen = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        for group, settings in zip(optimizer.param_groups, chosen):
+            group.update(settings)
+        set_rng_states(state["rng"], device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint '{state.get('path', '?')}' does not fit this model or is incomplete "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                              "use --fresh to start over or --run NAME for a new run") from None
+    return Progress(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(Progress)})
 
 
 def _fsync_dir(folder):

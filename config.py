@@ -31,7 +31,7 @@ class Config:
     # --- model (DiT) ---
     image_size: int = knob(64, "training/sampling resolution in pixels (square)")
     patch_size: int = knob(4, "patch side in pixels; tokens = (image_size / patch_size)^2")
-    in_channels: int = knob(3, "image channels (RGB)")
+    in_channels: int = knob(3, "image channels: 3, the images are read as RGB")
     emb_dim: int = knob(64, "width of the token stream")
     depth: int = knob(3, "number of DiT blocks")
     num_heads: int = knob(6, "attention heads per block")
@@ -39,7 +39,7 @@ class Config:
     mlp_ratio: float = knob(4.0, "MLP hidden width = mlp_ratio * emb_dim")
     mlp_act: str = knob("gelu", "MLP activation: gelu (as in DiT, in its exact form) or relu (cheaper on a CPU: ~5%% less time per step of the CPU presets)")
     freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
-    num_labels: int = knob(1, "number of labels (overridden by the data: one per sub-folder)")
+    num_labels: int = knob(1, "number of labels: one per sub-folder of the data (a different value is refused)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
     adaln_zero: bool = knob(True, "zero-init the adaLN gates and the output layer so each block starts as identity")
     # --- token routing (TREAD, Krause et al. 2025): training only, no weights of its own ---
@@ -98,7 +98,7 @@ class Config:
                              "(AVX512-BF16/AMX, probed at start); weights, optimizer and checkpoints stay fp32; --no-amp = fp32")
 
 
-# Presets: overrides of the defaults above. Explained in README.md.
+# Presets: overrides of the defaults above. Explained in README.md; the measurements behind them are in docs/experiments.md.
 _CPU = dict(emb_dim=128, depth=4, num_heads=4, head_dim=32, lr=1e-3, warmup_steps=200, batch_size=32,
             max_steps=20000, loss="l1", prediction="v", sample_every=250, ckpt_every=250)
 PRESETS = {
@@ -112,22 +112,16 @@ PRESETS = {
                      lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
                      sample_every=2000, ckpt_every=1000, milestone_every=10000),
     # The CPU presets share one model (4 blocks, 4 heads x 32 on a 128-wide stream) and recipe
-    # (v-prediction, L1, batch 32, lr 1e-3): docs/experiments.md. They differ in pixels per token.
+    # (v-prediction, L1, batch 32, lr 1e-3); they differ in pixels per token.
     # 64 px, patch 4: 256 tokens.
     "panda64": dict(_CPU, image_size=64, patch_size=4),
-    # 32 px, patch 2: the same 256 tokens on 2x2-pixel patches. At equal CPU time it scores a much
-    # better SWD (measured at 64 px) than panda64, and L1 on v beats MSE on v by ~15 over three seeds
-    # (docs/experiments.md); but a 32 px image cannot score better than ~35.
+    # 32 px, patch 2: the same 256 tokens learn faster per CPU-minute, but 32 px caps the SWD at 64 px.
     "panda32": dict(_CPU, image_size=32, patch_size=2),
-    # 48 px, patch 3: panda32's model and cost (the same 256 tokens) with 1.5x the pixels. The CPU
-    # default: it keeps learning where panda32 stalls at its 32 px floor (README, "What an hour buys").
-    # MSE on the noisiest 15% of the timesteps (t >= hybrid_t = 850), L1 below: 31.5 against L1's 33.0
-    # at ~20 CPU-minutes over two seeds and three noise sets, and ahead from ~12 to ~80 minutes.
+    # 48 px, patch 3: panda32's cost with 1.5x the pixels, so it keeps learning past panda32's floor (the CPU default).
+    # MSE on the noisiest 15% of the timesteps, where the layout is decided, L1 below (docs/experiments.md).
     "panda48": dict(_CPU, image_size=48, patch_size=3, loss="hybrid"),
-    # The procedural cartoons (the CPU default for them): 48 px, patch 6, 64 tokens, so a step costs
-    # ~1/4 of panda48's, and the model draws x_0 instead of v: a cartoon's flat 6x6-pixel patch is
-    # an easy output, its noise (108 numbers on a 128-wide token) is not. MSE down to t = 400.
-    # ~34 against panda48's ~60 after 10 CPU-minutes; worse on the photos (docs/experiments.md).
+    # The procedural cartoons (their CPU default): 64 tokens of 6x6 flat pixels, an easy x_0 to draw but not an
+    # easy noise to predict, so the model draws x_0; MSE down to t = 400 places their dark parts. Worse on photos.
     "cartoon48": dict(_CPU, image_size=48, patch_size=6, prediction="x0", loss="hybrid", hybrid_t=400),
     # For tests: a few seconds on a CPU.
     "tiny": dict(image_size=16, patch_size=4, emb_dim=32, depth=2, num_heads=2, head_dim=16,
@@ -161,6 +155,18 @@ def add_config_flags(parser):
 
 # torchrun takes `--run` for an abbreviation of its own --run-path: `--run-name` gets past it.
 ALIASES = {"run": ("--run-name",)}
+
+
+def parse_train_args(argv=None):
+    """train.py's command line -> (explicit overrides as a dict, --fresh)."""
+    parser = argparse.ArgumentParser(description="Train a Diffusion Transformer on a folder of panda pictures.",
+                                     epilog=f"Defaults shown are Config's; the preset ({', '.join(PRESETS)}) overrides many of them (see README.md).")
+    add_config_flags(parser)
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: existing checkpoints and logs of this run are moved aside, not deleted")
+    args = vars(parser.parse_args(argv))
+    fresh = args.pop("fresh")
+    return args, fresh
 
 
 def build_config(overrides, cuda_available=False):
@@ -204,6 +210,8 @@ def check_config(cfg):
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
+    if cfg.in_channels != 3:
+        problems.append(f"in_channels must be 3, not {cfg.in_channels}: every image is read as RGB")
     problems += route_problems(cfg)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))

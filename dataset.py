@@ -121,6 +121,31 @@ def load_image(path, size):
     return img.crop((left, top, left + size, top + size))
 
 
+def folder_files(folder):
+    """Sorted image paths of a folder (flat or one sub-folder per label)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"image folder '{folder}' does not exist; pass a folder of images")
+    files = sorted(path for path, _ in find_images(folder)[0])
+    if not files:
+        raise DataError(f"no images found in '{folder}'; pass a folder with .jpg/.png files")
+    return files
+
+
+def holdout_split(files, n_holdout):
+    """(train, held_out): the last `n_holdout` files in sorted path order are held out.
+
+    `files` are paths or (path, label) pairs, as find_images returns; the order of
+    the training files is kept. Deterministic: the same folder always holds out the same files.
+    """
+    if n_holdout <= 0:
+        return list(files), []
+    key = (lambda f: f[0]) if files and isinstance(files[0], (tuple, list)) else (lambda f: f)
+    if n_holdout >= len(files):
+        raise DataError(f"cannot hold out {n_holdout} of {len(files)} images and still train; lower --holdout")
+    held = set(key(f) for f in sorted(files, key=key)[-n_holdout:])
+    return [f for f in files if key(f) not in held], [f for f in sorted(files, key=key) if key(f) in held]
+
+
 def cache_key(files, size):
     h = hashlib.sha1(f"v1 {size}".encode())
     for path, label in files:
@@ -205,7 +230,7 @@ class ImageCache(torch.utils.data.Dataset):
 
     def __init__(self, root, size, cache_dir, exclude=()):
         files, self.classes = find_images(root)
-        exclude = set(exclude)  # paths held out, e.g. as the SWD reference (metrics.holdout_split)
+        exclude = set(exclude)  # paths held out, e.g. as the SWD reference (holdout_split)
         files = [(f, label) for f, label in files if f not in exclude]
         if not files:
             raise DataError(f"no images ({', '.join(EXTENSIONS)}) found in '{root}'; add some or point --data-dir elsewhere")

@@ -101,14 +101,10 @@ class Diffusion:
         out = model(x_t, t, y)
         target = noise if self.prediction == "eps" else self.velocity(x_start, t, noise)
         if self.prediction == "x0":
-            # The model draws the clean image, an easier output than noise or v for a token whose patch
-            # has about as many numbers as its width (Li & He 2025, "Back to Basics: Let Denoising
-            # Generative Models Denoise"); its loss is taken on the v it implies, v = (sqrt(alpha-bar) x_t
-            # - x_0) / sqrt(1 - alpha-bar), the x_0 error weighted by 1 / sqrt(1 - alpha-bar), capped at 20.
-            # The cap is on the output's conversion only: below it (t < 11 on the linear schedule) the target
-            # stays the true v, so there the model learns x_0 + (k - 1)(x_0 - sqrt(alpha-bar) x_t), k = 0.05 /
-            # sqrt(1 - alpha-bar), up to 5 at t = 0: the last DDIM step over-denoises, a sharpening. Capping the
-            # target too (the exact x_0 scoring 0) measured ~1 worse on cartoon48 (docs/experiments.md).
+            # The model draws the clean image, an easier output than noise or v for a token whose patch has about as
+            # many numbers as its width (Li & He 2025); the loss is on the v it implies, v = (sqrt(alpha-bar) x_t - x_0)
+            # / sqrt(1 - alpha-bar). Only this conversion is capped (1 / sigma <= 20), not the target: the slight
+            # over-denoising at the last steps sharpens, and capping both scored worse (docs/experiments.md).
             sigma = self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t).clamp(min=0.05)
             out = (self._at(self.sqrt_alphas_cumprod, t, x_t) * x_t - out.float()) / sigma
         per_sample = self.per_sample_loss(out.float(), target, t)

@@ -66,9 +66,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
         q, k, v = (a.transpose(1, 2) for a in qkv.unbind(2))  # (N, H, T, d) each
         if x.device.type == "cpu" and T <= SHORT:
-            # two plain matmuls and a softmax: on a CPU about twice as fast as SDPA's kernel for a short
-            # sequence (64 tokens: 3-4 against 6 ms forward and backward per block, a cartoon48 step ~6%
-            # faster); the two are even at 144 tokens and SDPA is ahead beyond (256: 44 against 91 ms)
+            # two plain matmuls and a softmax: faster than SDPA's CPU kernel for short sequences (docs/experiments.md)
             x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (N, H, T, d)
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d), scale 1/sqrt(d), stored as (N, T, H, d)
@@ -87,9 +85,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(dim, num_heads, head_dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        # exact (erf) GELU: within 5e-4 of the tanh form DiT uses, and on a CPU it is the cheaper of the
-        # two (forward + backward over a batch of cartoon48's MLP activations: 3.0 ms against 4.9 ms).
-        # ReLU (--mlp-act relu) is cheaper still: 0.7 ms.
+        # exact (erf) GELU: as good as DiT's tanh form and cheaper on a CPU; ReLU cheaper still (docs/experiments.md)
         if mlp_act not in ACTIVATIONS:  # config.check_config refuses it for training; this guards a checkpoint
             raise ValueError(f"mlp_act must be one of {', '.join(ACTIVATIONS)}, got {mlp_act}")
         act = ACTIVATIONS[mlp_act]()

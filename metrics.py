@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from dataset import DataError, find_images, load_image
+from dataset import DataError, folder_files, holdout_split, load_image
 
 EVAL_SIZE = 64  # training measures SWD at 64 px (samples are resized), so presets are comparable
 # The starting noise of the samples every SWD measurement draws (train.py's --eval-every, the first set of
@@ -151,22 +151,7 @@ def swd(real, fake, seed=0, nhoods=128, repeats=4, dirs=128, min_res=16, norm="s
 
 
 # ---------------------------------------------------------------------------------------------
-# images in: files, folders, held-out split, generated samples
-
-
-def holdout_split(files, n_holdout):
-    """(train, held_out): the last `n_holdout` files in sorted path order are held out.
-
-    `files` are paths or (path, label) pairs, as dataset.find_images returns; the order of
-    the training files is kept. Deterministic: the same folder always holds out the same files.
-    """
-    if n_holdout <= 0:
-        return list(files), []
-    key = (lambda f: f[0]) if files and isinstance(files[0], (tuple, list)) else (lambda f: f)
-    if n_holdout >= len(files):
-        raise DataError(f"cannot hold out {n_holdout} of {len(files)} images and still train; lower --holdout")
-    held = set(key(f) for f in sorted(files, key=key)[-n_holdout:])
-    return [f for f in files if key(f) not in held], [f for f in sorted(files, key=key) if key(f) in held]
+# images in: reference files, generated samples
 
 
 def load_images(paths, size):
@@ -196,20 +181,10 @@ def reference_images(paths, size):
     return load_images(list(paths), size)
 
 
-def folder_files(folder):
-    """Sorted image paths of a folder (flat or one sub-folder per label)."""
-    if not os.path.isdir(folder):
-        raise DataError(f"image folder '{folder}' does not exist; pass a folder of images")
-    files = sorted(path for path, _ in find_images(folder)[0])
-    if not files:
-        raise DataError(f"no images found in '{folder}'; pass a folder with .jpg/.png files")
-    return files
-
-
-def reference_paths(data_dir, holdout, train_files, n):
+def reference_paths(held_out, train_files, n):
     """What training measures against: the held-out files, else n training files spread evenly."""
-    if holdout > 0:
-        return holdout_split(folder_files(data_dir), holdout)[1]
+    if held_out:
+        return list(held_out)
     files = sorted(train_files)
     return [files[i * len(files) // min(n, len(files))] for i in range(min(n, len(files)))]
 
@@ -219,10 +194,10 @@ def sample_files(folder):
     return [f for f in folder_files(folder) if os.path.basename(f) not in SHEETS]
 
 
-def score_samples(fake, data_dir, holdout, train_files, seed=0, norm="set"):
+def score_samples(fake, held_out, train_files, seed=0, norm="set"):
     """SWD at EVAL_SIZE of samples in [-1, 1] against a run's reference files (`reference_paths`);
     returns the result (its 'n_real' and 'n_fake' are the counts) and how many reference images it used."""
-    paths = reference_paths(data_dir, holdout, train_files, len(fake))
+    paths = reference_paths(held_out, train_files, len(fake))
     result = swd(reference_images(tuple(paths), EVAL_SIZE), as_saved_png(fake), seed=seed, norm=norm)
     return result, result["n_real"]
 

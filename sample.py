@@ -5,7 +5,8 @@
     python sample.py --sampler ddpm                    # the description's 1000-step sampler
     python sample.py --trajectory                      # one image's denoising, 16 frames
 
-Writes samples/<run>/<step>/grid.png plus one PNG per image (and trajectory.png).
+Writes samples/<run>/<step>/grid.png (enlarged to at least 128 px per image) plus one PNG per image at
+the model's size (and trajectory.png).
 """
 import argparse
 import math
@@ -20,6 +21,7 @@ from checkpoint import CheckpointError, check_writable, load_checkpoint, load_la
 from config import config_from_dict
 from diffusion import make_diffusion
 from dit import DiT
+from distributed import pick_device
 
 
 def parse_args(argv=None):
@@ -42,17 +44,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_device(name):
-    """auto -> cuda if available, else cpu; an unknown or unavailable device is a clear error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SystemExit(f"error: unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name} was asked for but CUDA is not available; use --device cpu")
-    return device
+# A 16-48 px image is a smudge in an image viewer or TensorBoard: grids show each one at least this big.
+GRID_MIN_PIXELS = 128
+
+
+def enlarge(images, min_pixels=GRID_MIN_PIXELS):
+    """Images (N, C, h, w) repeated nearest-neighbour by a whole factor until each side is >= min_pixels."""
+    k = math.ceil(min_pixels / min(images.shape[-2:]))
+    return images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) if k > 1 else images
 
 
 def newest_run(ckpt_dir):
@@ -113,7 +112,7 @@ def generate(model, diffusion, cfg, args, steps, labels, device, callback=None):
 def trajectory_strip(frames):
     """Two rows: x_t and predicted x0 at each recorded step."""
     x_t, x0 = zip(*frames)
-    return make_grid((torch.cat([torch.stack(x_t), torch.stack(x0)]).clamp(-1, 1) + 1) / 2, nrow=len(frames))
+    return make_grid(enlarge((torch.cat([torch.stack(x_t), torch.stack(x0)]).clamp(-1, 1) + 1) / 2), nrow=len(frames))
 
 
 def main(argv=None):
@@ -143,7 +142,7 @@ def main(argv=None):
     t0 = time.time()
     images = generate(model, diffusion, cfg, args, steps, labels, device, record)
     seconds = time.time() - t0
-    save_image((images + 1) / 2, os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
+    save_image(enlarge((images + 1) / 2), os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
     for i, img in enumerate(images):
         save_image((img + 1) / 2, os.path.join(out, f"{i:04d}.png"))
     if frames:

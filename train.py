@@ -8,117 +8,33 @@
 Runs resume automatically from checkpoints/<run>/latest.pt: weights, EMA, optimizer, step,
 data position and RNG states, so a resumed run continues exactly where it stopped.
 """
-import argparse
-import contextlib
-import copy
 import dataclasses
-import datetime
-import functools
 import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 import warnings
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from checkpoint import CheckpointError, atomic_save, check_writable, load_latest, remove_empty, save_checkpoint
-from config import ARCH_FIELDS, PRESETS, Config, add_config_flags, build_config, config_from_dict
-from dataset import DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, generate_pandas, make_loader
-from diffusion import make_diffusion
-from dit import DiT
 import metrics
-from sample import pick_device
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train a Diffusion Transformer on a folder of panda pictures.",
-                                     epilog=f"Defaults shown are Config's; the preset ({', '.join(PRESETS)}) overrides many of them (see README.md).")
-    add_config_flags(parser)
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over: existing checkpoints and logs of this run are moved aside, not deleted")
-    args = vars(parser.parse_args(argv))
-    fresh = args.pop("fresh")
-    return args, fresh
+from checkpoint import (CheckpointError, Progress, atomic_save, check_writable, load_latest, make_state, remove_empty,
+                        restore, save_checkpoint)
+from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args
+from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, folder_files, generate_pandas,
+                     holdout_split, make_loader)
+from diffusion import make_diffusion
+from distributed import (Stopper, autocast_for, barrier, distributed, precision, rank_max, reseed_rank, say, select_device,
+                         setup_distributed)
+from optim import build_training, ema_decay_at, ema_update, lr_at, train_step
+from sample import enlarge
 
 
 # ---------------------------------------------------------------------------------------------
 # set-up
-
-
-def setup_distributed(device="auto"):
-    """(rank, world_size, local_rank); initialises the process group only under torchrun (RANK set).
-
-    gloo for CPU training, nccl for CUDA with one GPU per process (LOCAL_RANK), bound before the
-    first collective. A rank that dies closes its connections and the others fail at their next
-    collective; one that hangs makes them fail after the timeout; either way torchrun then stops
-    every process. The timeout also bounds how long ranks wait for rank 0 to decode the image cache.
-    """
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available() and not device.startswith("cpu")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
-                            device_id=torch.device("cuda", local_rank) if cuda else None)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def select_device(name, local_rank, amp):
-    device = pick_device(name)  # a clear error for an unknown or unavailable device
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise SystemExit(f"error: --device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = amp  # TF32 matmuls: ~free speed, no visible loss; --no-amp = true fp32
-        torch.backends.cudnn.allow_tf32 = amp
-    return device
-
-
-def precision(device, amp):
-    """'bf16' (autocast) or 'fp32', and why: bf16 on CUDA, and on a CPU whose bf16 matmuls are clearly
-    faster than fp32 (AVX512-BF16/AMX); AVX2-only CPUs emulate bf16 and would run slower."""
-    if not amp:
-        return "fp32", "--no-amp"
-    if device.type == "cuda":
-        return "bf16", "CUDA"
-    if device.type != "cpu":
-        return "fp32", f"no bf16 autocast on {device.type}"
-    speedup = cpu_bf16_speedup()
-    choice = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32"
-    return choice, f"this CPU's bf16 matmul is {speedup:.1f}x its fp32"
-
-
-# A training step gains far less than its matmuls (casts and element-wise work stay), so only a clear win counts.
-CPU_BF16_MIN_SPEEDUP = 2.0
-
-
-@functools.cache
-def cpu_bf16_speedup(n=1024, repeats=4):
-    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats`, ~0.1 s in all)."""
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # twice: the first pass warms up
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times)
-    return best[torch.float32] / best[torch.bfloat16]
-
-
-def autocast_for(device, choice):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if choice == "bf16" else contextlib.nullcontext()
 
 
 # Choices of one invocation, not of the run: a resume takes them from its own flags or the preset,
@@ -158,18 +74,18 @@ def move_aside(*folders):
 
 
 def load_data(cfg, rank):
-    """The cached dataset; a missing default folder is filled with procedural pandas first."""
+    """(the cached dataset, the held-out files); a missing default folder is filled with procedural pandas first."""
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     if not cfg.data_dir and rank == 0 and not (os.path.isdir(data_dir) and os.listdir(data_dir)):
         say(f"no images in {data_dir}: drawing {cfg.num_generated} procedural pandas there "
             "(pass --data-dir to train on your own photos)")
         generate_pandas(data_dir, cfg.num_generated, size=max(256, cfg.image_size), seed=cfg.seed)
     barrier()  # the other ranks list the folder only once it is complete
-    held = metrics.holdout_split(metrics.folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
+    held = holdout_split(folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
     if rank == 0:  # rank 0 builds the cache, the others then read it
         ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
     barrier()
-    return ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
+    return ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held), held
 
 
 def check_architecture(saved, cfg, fields=ARCH_FIELDS, path=""):
@@ -182,97 +98,50 @@ def check_architecture(saved, cfg, fields=ARCH_FIELDS, path=""):
                          "or --run NAME for a new run")
 
 
-def build_training(cfg, device, world_size):
-    """Model, EMA copy, optimizer and the module to call for training (compiled / DDP)."""
-    torch.manual_seed(cfg.seed)
-    model = DiT.from_config(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval() if cfg.ema_decay > 0 or cfg.ema_gamma > 0 else None
-    opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    # The fused kernel exists for CUDA and the CPU: on two CPU threads it steps the 1.3M-parameter CPU
-    # presets in ~1 ms instead of ~5.5 ms for the default for-loop.
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    optimizer = opt_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    train_model = model
-    if world_size > 1:
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    return model, ema, optimizer, train_model
+@dataclasses.dataclass
+class Run:
+    """Everything the loop touches, built once by `setup_run`."""
+    cfg: Config
+    data: ImageCache
+    held_out: list  # the SWD reference files, never trained on (empty: evaluate against training files)
+    model: torch.nn.Module  # the plain module: checkpoints, EMA, graph
+    ema: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    train_model: torch.nn.Module  # what the step calls: maybe compiled and/or DDP-wrapped
+    diffusion: object
+    batches: EpochBatches
+    loader: torch.utils.data.DataLoader
+    log: "Logger"
+    autocast: object
+    device: torch.device
+    rank: int
 
 
-def lr_at(cfg, step, elapsed=0.0):
-    """Linear warm-up to cfg.lr, then constant, or cosine down to 10% over whichever budget ends
-    first: --max-steps, or the --max-minutes of this invocation (elapsed seconds so far)."""
-    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-    if cfg.lr_schedule != "cosine":
-        return lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.max_minutes > 0:
-        progress = max(progress, elapsed / (cfg.max_minutes * 60))
-    progress = min(1.0, max(0.0, progress))
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def setup_run(cfg, data, held_out, state, device, rank, world_size):
+    model, ema, optimizer, train_model = build_training(cfg, device, world_size)
+    progress = restore(state, model, ema, optimizer, device) if state is not None else Progress()
+    reseed_rank(cfg.seed, rank, progress.step)
+    batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip, rank, world_size)
+    loader = make_loader(data, batches, cfg.num_workers, pin_memory=device.type == "cuda")
+    dtype, why = precision(device, cfg.amp)
+    log = Logger(cfg, progress.step, enabled=rank == 0)
+    log.scalars(progress.step, **{"Train/global_batch": batches.global_batch, "Train/world_size": world_size})
+    run = Run(cfg, data, held_out, model, ema, optimizer, train_model, make_diffusion(cfg, device), batches, loader, log,
+              autocast_for(device, dtype), device, rank)
+    say(f"preset {cfg.preset}, run '{cfg.run}': {len(data)} images, {len(data.classes)} label(s), "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+        f"precision {dtype} ({why}), global batch {batches.global_batch} ({cfg.batch_size} x {world_size} process(es))", rank)
+    return run, progress
 
 
-def ema_decay_at(cfg, step):
-    """The EMA decay for the update after optimizer step `step` (0-based)."""
-    if cfg.ema_gamma > 0:  # weights ~ t^gamma over the whole run; t counts from 1
-        return (1 - 1 / (step + 1)) ** (cfg.ema_gamma + 1)
-    if cfg.ema_warmup:
-        return min(cfg.ema_decay, (1 + step) / (10 + step))
-    return cfg.ema_decay
-
-
-@torch.no_grad()
-def ema_update(ema, model, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# the step
-
-
-def train_step(train_model, optimizer, diffusion, x, y, lr, cfg, autocast):
-    """One optimisation step. The update is skipped when the loss or gradient is not finite."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast:
-        loss, pred, target = diffusion.training_loss(train_model, x, y)  # predicted and true noise (or v)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_norm)
-    loss = all_mean(loss.detach())
-    finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))  # same on every rank
-    if finite:
-        optimizer.step()
-    return dict(loss=loss, grad_norm=grad_norm, pred=pred.detach(), target=target, finite=finite, lr=lr)
-
-
-class Stopper:
-    """Turns SIGINT/SIGTERM into 'save and exit at the end of this step'; a second Ctrl-C exits at once."""
-
-    def __enter__(self):
-        self.requested, self.pid, self.previous = False, os.getpid(), {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):  # give Ctrl-C back to its previous owner (a notebook, pytest)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self.pid:  # a forked DataLoader worker (Ctrl-C reaches the whole group): the trainer decides
-            return
-        if self.requested and signum == signal.SIGINT:
-            os._exit(130)  # checkpoints are written atomically: exiting mid-save loses nothing
-        self.requested = True
-        # A SIGTERM to the whole group (timeout, Slurm, kill -- -PGID) kills the loader workers too, and
-        # the DataLoader's SIGCHLD handler would raise that from inside the last save; stop listening.
-        if hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self.previous:
-            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda *args: None)  # not SIG_DFL: a
-            # SIGCHLD already pending would then print "ignored due to race condition"
-        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint and stopping (a second Ctrl-C quits at once)")
+def log_start(run):
+    """Config text and the model graph, once per run."""
+    cfg = run.cfg
+    run.log.text("config", "```\n" + json.dumps(vars(cfg), indent=2) + "\n```", 0)
+    if cfg.log_graph:
+        x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=run.device)
+        t = torch.zeros(1, dtype=torch.long, device=run.device)
+        run.log.graph(run.model, (x, t, t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +188,6 @@ class Logger:
 
 def sample_grid(cfg, model, diffusion, device, num_labels):
     """A grid of DDIM samples from fixed noise, so grids at different steps are comparable."""
-    from torchvision.utils import make_grid
     g = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     y = (torch.arange(cfg.sample_n) % num_labels).to(device)
@@ -328,247 +196,7 @@ def sample_grid(cfg, model, diffusion, device, num_labels):
     images = diffusion.sample(model, noise, y, "ddim", min(cfg.sample_steps, cfg.max_t),
                               generator=torch.Generator(device).manual_seed(cfg.seed + 2))
     model.train(was_training)
-    return make_grid((images.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers (no-ops in a single process)
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-@contextlib.contextmanager
-def peers_alive():
-    """A collective that fails because another rank died (or hung past the timeout) ends this rank
-    with one line pointing at the real error, not a traceback from deep inside gloo/nccl."""
-    try:
-        yield
-    except RuntimeError as e:  # gloo: 'Connection closed by peer'; nccl/timeouts: DistBackendError
-        raise SystemExit(f"error: rank {dist.get_rank()} lost contact with the other processes "
-                         f"({str(e).splitlines()[0][:160]}); most likely another rank failed first: see its error above") from None
-
-
-def barrier():
-    if distributed():
-        with peers_alive():
-            dist.barrier()
-
-
-def all_mean(x):
-    """Mean over ranks (the logged loss is the global batch's, not rank 0's)."""
-    if distributed():
-        x = x.clone()
-        with peers_alive():
-            dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-def rank_max(values, device):
-    """Element-wise max over ranks, so every rank takes the same decision (a signal or the time
-    budget seen by one rank stops all; every rank schedules the learning rate by the same clock)."""
-    if distributed():
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        with peers_alive():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
-    return list(values)
-
-
-def reseed_rank(seed, rank, step):
-    """Give rank r > 0 its own stream for noise, timesteps and label dropout.
-
-    Every rank starts from torch.manual_seed(seed) (identical weights) or from rank 0's saved RNG
-    state, so without this all ranks would draw the same noise for different images. Rank 0
-    keeps its exact (restored) stream; the others' streams are not checkpointed but are a pure
-    function of (seed, rank, step at start), so a resumed multi-process run is reproducible.
-    """
-    if rank > 0:
-        torch.manual_seed(random.Random(f"{seed}/{rank}/{step}").getrandbits(63))
-
-
-def say(message, rank=0):
-    if rank == 0:
-        tqdm.write(message)
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def rng_states(device):
-    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states, device):
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in states["python"]))
-    torch.set_rng_state(states["torch"].cpu())
-    if device.type == "cuda" and "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
-
-
-def make_state(r, p):
-    return {
-        "model": r.model.state_dict(),
-        "ema": r.ema.state_dict() if r.ema is not None else None,
-        "optimizer": r.optimizer.state_dict(),
-        **p,
-        "rng": rng_states(r.device),
-        "config": vars(r.cfg).copy(),
-        "classes": list(r.data.classes),
-    }
-
-
-def restore(state, model, ema, optimizer, device):
-    """Weights, EMA, optimizer and RNG states from a checkpoint; returns the loop's counters."""
-    try:
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["model"])
-        # the saved groups carry the Adam kernel of the run that wrote them (unfused before fused was the
-        # default, or another device's choice): keep the one build_training made for this machine
-        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
-        for group, chosen in zip(optimizer.param_groups, kernels):
-            group.update(chosen)
-        set_rng_states(state["rng"], device)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: checkpoint '{state.get('path', '?')}' does not fit this model or is incomplete "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                         "use --fresh to start over or --run NAME for a new run") from None
-    keys = ("step", "epoch", "epoch_pos", "epoch_loss_sum", "epoch_batches", "bad_steps", "skipped_steps", "best_swd")
-    return {k: state.get(k, 0) for k in keys}
-
-
-def save(r, p):
-    """Save on rank 0; refuse to write non-finite weights."""
-    if r.rank != 0:
-        return
-    weights = list(r.model.parameters()) + (list(r.ema.parameters()) if r.ema is not None else [])
-    if not all(torch.isfinite(t).all() for t in weights):
-        say(f"warning: weights are not finite at step {p['step']}; checkpoint NOT written (the previous one is kept)")
-        return
-    folder = os.path.join(r.cfg.ckpt_dir, r.cfg.run)
-    try:
-        save_checkpoint(make_state(r, p), folder, r.cfg.keep_last, r.cfg.milestone_every)
-    except OSError as e:
-        raise SystemExit(f"error: could not write a checkpoint to {folder} ({e}); "
-                         "free space or choose another --ckpt-dir (the previous checkpoint is intact)")
-
-
-# ---------------------------------------------------------------------------------------------
-# main
-
-
-def main(argv=None):
-    overrides, fresh = parse_args(argv)
-    rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
-    r = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
-    created, started = [], False  # run folders this call made: removed again if it fails before training
-    try:
-        cfg, state = resolve_config(overrides, fresh, rank)
-        device = select_device(cfg.device, local_rank, cfg.amp)
-        run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
-        if rank == 0:  # before minutes of decoding images, not after
-            created = check_writable(run_dir, os.path.join(cfg.log_dir, cfg.run),
-                                     fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
-        data = load_data(cfg, rank)
-        cfg.num_labels = len(data.classes)
-        random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
-        if state is not None:
-            check_architecture(state["config"], cfg, path=state["path"])
-        if rank == 0:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(vars(cfg), f, indent=2)
-        r, progress = setup_run(cfg, data, state, device, rank, world_size)
-        if progress["step"] == 0:
-            log_start(r)
-    except (DataError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
-        say("interrupted before training started; nothing to save")
-        raise SystemExit(130)
-    else:
-        started = True
-        run_loop(r, progress)
-    finally:
-        if r is not None:
-            r.log.close()
-        if not started:
-            remove_empty(created)
-    if distributed():
-        dist.destroy_process_group()
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything the loop touches, built once by `setup_run`."""
-    cfg: Config
-    data: ImageCache
-    model: torch.nn.Module  # the plain module: checkpoints, EMA, graph
-    ema: torch.nn.Module | None
-    optimizer: torch.optim.Optimizer
-    train_model: torch.nn.Module  # what the step calls: maybe compiled and/or DDP-wrapped
-    diffusion: object
-    batches: EpochBatches
-    loader: torch.utils.data.DataLoader
-    log: "Logger"
-    autocast: object
-    device: torch.device
-    rank: int
-
-
-def setup_run(cfg, data, state, device, rank, world_size):
-    model, ema, optimizer, train_model = build_training(cfg, device, world_size)
-    progress = dict(step=0, epoch=0, epoch_pos=0, epoch_loss_sum=0.0, epoch_batches=0, bad_steps=0)
-    if state is not None:
-        progress = restore(state, model, ema, optimizer, device)
-    reseed_rank(cfg.seed, rank, progress["step"])
-    batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip, rank, world_size)
-    loader = make_loader(data, batches, cfg.num_workers, pin_memory=device.type == "cuda")
-    dtype, why = precision(device, cfg.amp)
-    log = Logger(cfg, progress["step"], enabled=rank == 0)
-    log.scalars(progress["step"], **{"Train/global_batch": batches.global_batch, "Train/world_size": world_size})
-    r = Run(cfg, data, model, ema, optimizer, train_model, make_diffusion(cfg, device), batches, loader, log,
-            autocast_for(device, dtype), device, rank)
-    say(f"preset {cfg.preset}, run '{cfg.run}': {len(data)} images, {len(data.classes)} label(s), "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
-        f"precision {dtype} ({why}), global batch {batches.global_batch} ({cfg.batch_size} x {world_size} process(es))", rank)
-    return r, progress
-
-
-def log_start(r):
-    """Config text and the model graph, once per run."""
-    cfg = r.cfg
-    r.log.text("config", "```\n" + json.dumps(vars(cfg), indent=2) + "\n```", 0)
-    if cfg.log_graph:
-        x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=r.device)
-        t = torch.zeros(1, dtype=torch.long, device=r.device)
-        r.log.graph(r.model, (x, t, t))
-
-
-def account(r, p, out):
-    """After a step: EMA, epoch loss sums, the count of non-finite steps (in a row, and in all)."""
-    if out["finite"]:
-        if r.ema is not None:
-            ema_update(r.ema, r.model, ema_decay_at(r.cfg, p["step"]))
-        p.update(bad_steps=0, epoch_loss_sum=p["epoch_loss_sum"] + float(out["loss"]), epoch_batches=p["epoch_batches"] + 1)
-    else:  # train_step skipped the update
-        p["bad_steps"] += 1
-        p["skipped_steps"] = p.get("skipped_steps", 0) + 1
-        r.log.scalars(p["step"] + 1, **{"Train/skipped_nonfinite": p["skipped_steps"]})
-        say(f"warning: non-finite loss or gradient at step {p['step'] + 1}: update skipped "
-            f"({p['bad_steps']} in a row, {p['skipped_steps']} in all)", r.rank)
-    p["step"] += 1
-    p["epoch_pos"] += r.batches.global_batch
-    if p["bad_steps"] >= r.cfg.max_bad_steps:
-        raise SystemExit(f"error: {p['bad_steps']} consecutive non-finite losses/gradients at step {p['step']}; "
-                         "lower --lr or --grad-clip (the last good checkpoint is kept)")
+    return make_grid(enlarge((images.float().cpu() + 1) / 2), nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
 
 
 class Meter:
@@ -584,114 +212,238 @@ class Meter:
         return rate
 
 
-def periodic(r, p, out, meter, bar):
-    """Scalars, histograms and sample grids, each at its own interval."""
-    cfg, step = r.cfg, p["step"]
+def log_step(run, step, out, meter, bar):
+    rate = meter.rate(step, run.batches.global_batch)
+    run.log.scalars(step, **{"Loss/batch": out["loss"], "Train/lr": out["lr"],
+                             "Train/grad_norm": out["grad_norm"], "Train/images_per_s": rate})
+    bar.set_postfix(loss=f"{float(out['loss']):.4f}", img_s=f"{rate:.1f}")
+
+
+def log_samples(run, step):
+    if run.rank == 0:
+        run.log.images("Samples", sample_grid(run.cfg, run.ema or run.model, run.diffusion, run.device, len(run.data.classes)), step)
+
+
+def periodic(run, progress, out, meter, bar):
+    """Scalars, histograms, sample grids and evaluations, each at its own interval."""
+    cfg, step = run.cfg, progress.step
     if step % cfg.log_every == 0:
-        rate = meter.rate(step, r.batches.global_batch)
-        r.log.scalars(step, **{"Loss/batch": out["loss"], "Train/lr": out["lr"],
-                               "Train/grad_norm": out["grad_norm"], "Train/images_per_s": rate})
-        bar.set_postfix(loss=f"{float(out['loss']):.4f}", img_s=f"{rate:.1f}")
+        log_step(run, step, out, meter, bar)
     if cfg.hist_every and step % cfg.hist_every == 0:
-        r.log.histograms(step, **{"Noise/predicted": out["pred"], "Noise/target": out["target"]})
-    if cfg.sample_every and step % cfg.sample_every == 0 and r.rank == 0:
-        r.log.images("Samples", sample_grid(cfg, r.ema or r.model, r.diffusion, r.device, len(r.data.classes)), step)
+        run.log.histograms(step, **{"Noise/predicted": out["pred"], "Noise/target": out["target"]})
+    if cfg.sample_every and step % cfg.sample_every == 0:
+        log_samples(run, step)
     if cfg.eval_every and step % cfg.eval_every == 0:
-        evaluate(r, p)
+        evaluate(run, progress)
 
 
-def evaluate(r, p):
-    """SWD (metrics.py) of eval_n EMA samples vs the reference photos at 64 px; a new best is saved as best.pt."""
-    from torchvision.utils import make_grid
-    cfg, step, t0 = r.cfg, p["step"], time.time()
-    if r.rank != 0:
-        return
-    model, size, chunk = r.ema or r.model, cfg.image_size, cfg.batch_size
+def eval_samples(run):
+    """eval_n DDIM (eta=0) samples from fixed noise: they depend only on the weights."""
+    cfg, model = run.cfg, run.ema or run.model
+    size = cfg.image_size
     noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
-    y = torch.arange(cfg.eval_n) % len(r.data.classes)
+    y = torch.arange(cfg.eval_n) % len(run.data.classes)
     was_training = model.training
     model.eval()
-    # DDIM eta=0 from fixed noise: depends only on the weights
-    fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, "ddim", min(cfg.eval_steps, cfg.max_t))
+    fake = run.diffusion.sample_batches(model, noise, y, cfg.batch_size, run.device, "ddim", min(cfg.eval_steps, cfg.max_t))
     model.train(was_training)
+    return fake
+
+
+def evaluate(run, progress):
+    """SWD (metrics.py) of eval_n EMA samples vs the reference photos at 64 px; a new best is saved as best.pt."""
+    cfg, step, t0 = run.cfg, progress.step, time.time()
+    if run.rank != 0:
+        return
+    fake = eval_samples(run)
     try:
-        result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files)
+        result, n_ref = metrics.score_samples(fake, run.held_out, run.data.files)
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return
     levels = dict(zip(result["resolutions"], result["levels"]))
-    r.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
-    r.log.images("Quality/samples", make_grid((fake[:cfg.sample_n] + 1) / 2, nrow=int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))), step)
-    best = p.get("best_swd") or math.inf  # absent (or 0 from an older checkpoint): no best yet
+    run.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
+    nrow = int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))
+    run.log.images("Quality/samples", make_grid(enlarge((fake[:cfg.sample_n] + 1) / 2), nrow=nrow), step)
+    best = progress.best_swd or math.inf  # 0 (none yet, or an older checkpoint): no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
         + f") vs {n_ref} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
-        p["best_swd"] = result["mean"]
-        try:
-            atomic_save(make_state(r, p), os.path.join(cfg.ckpt_dir, cfg.run, "best.pt"))
-        except OSError as e:
-            say(f"warning: could not write best.pt ({e}); training goes on")
+        progress.best_swd = result["mean"]
+        save_best(run, progress)
 
 
-def end_epoch(r, p):
-    if p["epoch_batches"]:
-        r.log.scalars(p["step"], **{"Loss/epoch": p["epoch_loss_sum"] / p["epoch_batches"]})
-    p.update(epoch=p["epoch"] + 1, epoch_pos=0, epoch_loss_sum=0.0, epoch_batches=0)
+# ---------------------------------------------------------------------------------------------
+# checkpoints (rank 0 only)
 
 
-def run_loop(r, p):
+def state_of(run, progress):
+    return make_state(run.model, run.ema, run.optimizer, progress, run.cfg, run.data.classes, run.device)
+
+
+def save(run, progress):
+    """Save on rank 0; refuse to write non-finite weights."""
+    if run.rank != 0:
+        return
+    weights = list(run.model.parameters()) + (list(run.ema.parameters()) if run.ema is not None else [])
+    if not all(torch.isfinite(t).all() for t in weights):
+        say(f"warning: weights are not finite at step {progress.step}; checkpoint NOT written (the previous one is kept)")
+        return
+    folder = os.path.join(run.cfg.ckpt_dir, run.cfg.run)
+    try:
+        save_checkpoint(state_of(run, progress), folder, run.cfg.keep_last, run.cfg.milestone_every)
+    except OSError as e:
+        raise SystemExit(f"error: could not write a checkpoint to {folder} ({e}); "
+                         "free space or choose another --ckpt-dir (the previous checkpoint is intact)")
+
+
+def save_best(run, progress):
+    try:
+        atomic_save(state_of(run, progress), os.path.join(run.cfg.ckpt_dir, run.cfg.run, "best.pt"))
+    except OSError as e:
+        say(f"warning: could not write best.pt ({e}); training goes on")
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    overrides, fresh = parse_train_args(argv)
+    rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
+    run = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
+    created, started = [], False  # run folders this call made: removed again if it fails before training
+    try:
+        cfg, state = resolve_config(overrides, fresh, rank)
+        device = select_device(cfg.device, local_rank, cfg.amp)
+        if rank == 0:  # before minutes of decoding images, not after
+            created = check_writable(os.path.join(cfg.ckpt_dir, cfg.run), os.path.join(cfg.log_dir, cfg.run),
+                                     fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
+        data, held_out = load_data(cfg, rank)
+        fit_config_to_data(cfg, data, state, rank, overrides)
+        run, progress = setup_run(cfg, data, held_out, state, device, rank, world_size)
+        if progress.step == 0:
+            log_start(run)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # no Stopper yet, and nothing trained that could be saved
+        say("interrupted before training started; nothing to save")
+        raise SystemExit(130)
+    else:
+        started = True
+        run_loop(run, progress)
+    finally:
+        if run is not None:
+            run.log.close()
+        if not started:
+            remove_empty(created)
+    if distributed():
+        torch.distributed.destroy_process_group()
+
+
+def fit_config_to_data(cfg, data, state, rank, overrides):
+    """Labels from the data; a resume must match the checkpoint's architecture; config.json for the record."""
+    if overrides.get("num_labels", len(data.classes)) != len(data.classes):
+        raise SystemExit(f"error: --num-labels {overrides['num_labels']} but {cfg.data_dir or DEFAULT_DATA_DIR} has "
+                         f"{len(data.classes)} label(s) (one per sub-folder); drop --num-labels, the data sets it")
+    cfg.num_labels = len(data.classes)
+    random.seed(cfg.seed)  # unused by training today, but saved and restored like every RNG: make it reproducible
+    if state is not None:
+        check_architecture(state["config"], cfg, path=state["path"])
+    if rank == 0:
+        with open(os.path.join(cfg.ckpt_dir, cfg.run, "config.json"), "w") as f:
+            json.dump(vars(cfg), f, indent=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def account(run, progress, out):
+    """After a step: EMA, epoch loss sums, the count of non-finite steps (in a row, and in all)."""
+    p = progress
+    if out["finite"]:
+        if run.ema is not None:
+            ema_update(run.ema, run.model, ema_decay_at(run.cfg, p.step))
+        p.bad_steps, p.epoch_loss_sum, p.epoch_batches = 0, p.epoch_loss_sum + float(out["loss"]), p.epoch_batches + 1
+    else:  # train_step skipped the update
+        p.bad_steps += 1
+        p.skipped_steps += 1
+        run.log.scalars(p.step + 1, **{"Train/skipped_nonfinite": p.skipped_steps})
+        say(f"warning: non-finite loss or gradient at step {p.step + 1}: update skipped "
+            f"({p.bad_steps} in a row, {p.skipped_steps} in all)", run.rank)
+    p.step += 1
+    p.epoch_pos += run.batches.global_batch
+    if p.bad_steps >= run.cfg.max_bad_steps:
+        raise SystemExit(f"error: {p.bad_steps} consecutive non-finite losses/gradients at step {p.step}; "
+                         "lower --lr or --grad-clip (the last good checkpoint is kept)")
+
+
+def end_epoch(run, progress):
+    if progress.epoch_batches:
+        run.log.scalars(progress.step, **{"Loss/epoch": progress.epoch_loss_sum / progress.epoch_batches})
+    progress.epoch, progress.epoch_pos, progress.epoch_loss_sum, progress.epoch_batches = progress.epoch + 1, 0, 0.0, 0
+
+
+def run_loop(run, progress):
     """Train until max_steps, the time budget, or a signal; checkpoint on the way out."""
-    bar = tqdm(total=r.cfg.max_steps, initial=p["step"], disable=r.rank != 0, desc=r.cfg.run, dynamic_ncols=True)
+    bar = tqdm(total=run.cfg.max_steps, initial=progress.step, disable=run.rank != 0, desc=run.cfg.run, dynamic_ncols=True)
     with Stopper() as stopper, bar:
-        train_until_stop(r, p, stopper, bar)
+        train_until_stop(run, progress, stopper, bar)
         # End the persistent loader workers while the Stopper still owns SIGCHLD: after a SIGTERM to the
         # group they are dead, and the DataLoader's own handler would raise from their shutdown.
-        r.loader = None
-    more = "reached --max-steps; raise it" if p["step"] >= r.cfg.max_steps else "run the same command"
-    say(f"stopped at step {p['step']} ({more} to continue); checkpoints in {os.path.join(r.cfg.ckpt_dir, r.cfg.run)}", r.rank)
+        run.loader = None
+    more = "reached --max-steps; raise it" if progress.step >= run.cfg.max_steps else "run the same command"
+    say(f"stopped at step {progress.step} ({more} to continue); checkpoints in {os.path.join(run.cfg.ckpt_dir, run.cfg.run)}", run.rank)
 
 
-def train_until_stop(r, p, stopper, bar):
-    cfg, start, meter, elapsed = r.cfg, time.time(), Meter(p["step"]), 0.0
-    while p["step"] < cfg.max_steps:
-        r.batches.set_position(p["epoch"], p["epoch_pos"])
-        for x, y in loader_batches(r.loader, stopper):
-            x = x.to(r.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
-            lr = lr_at(cfg, p["step"], elapsed)
-            out = train_step(r.train_model, r.optimizer, r.diffusion, x, y.to(r.device), lr, cfg, r.autocast)
-            account(r, p, out)
+def train_until_stop(run, progress, stopper, bar):
+    cfg, start, meter, elapsed = run.cfg, time.time(), Meter(progress.step), 0.0
+    while progress.step < cfg.max_steps:
+        run.batches.set_position(progress.epoch, progress.epoch_pos)
+        for x, y in loader_batches(run.loader, stopper):
+            x = x.to(run.device, non_blocking=True).float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+            lr = lr_at(cfg, progress.step, elapsed)
+            out = train_step(run.train_model, run.optimizer, run.diffusion, x, y.to(run.device), lr, cfg, run.autocast)
+            account(run, progress, out)
             bar.update(1)
-            periodic(r, p, out, meter, bar)
-            requested, elapsed = rank_max([stopper.requested, time.time() - start], r.device)
+            periodic(run, progress, out, meter, bar)
+            requested, elapsed = rank_max([stopper.requested, time.time() - start], run.device)
             stop = requested or (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60)
-            done = p["step"] >= cfg.max_steps
-            if p["step"] % cfg.ckpt_every == 0 or stop or done:
-                save(r, p)
+            done = progress.step >= cfg.max_steps
+            if progress.step % cfg.ckpt_every == 0 or stop or done:
+                save(run, progress)
             if stop or done:
                 break
         else:
             if stopper.requested:  # the loader ended because its workers died of the same signal
-                save(r, p)
+                save(run, progress)
                 break
-            end_epoch(r, p)
+            end_epoch(run, progress)
             continue
         break
 
 
 def loader_batches(loader, stopper):
-    """The loader's batches; once a stop is requested, a loader that fails just ends: a SIGTERM to the whole
-    process group (timeout, Slurm, kill -- -PGID) kills its workers too, and the trainer still has a step to save."""
+    """The loader's batches; once a stop is requested, a loader whose workers died just ends: a SIGTERM to the whole
+    process group (timeout, Slurm, kill -- -PGID) kills them too, and the trainer still has a step to save.
+    Any other error propagates."""
     it = iter(loader)
     while True:
         try:
             batch = next(it)
         except StopIteration:
             return
-        except Exception:
-            if stopper.requested:
+        except RuntimeError as e:
+            if stopper.requested and worker_died(e):
                 return
             raise
         yield batch
+
+
+def worker_died(error):
+    """The DataLoader's own error for a worker that exited or was killed (not one a worker's dataset raised)."""
+    return str(error).startswith("DataLoader worker (pid")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from torchvision.utils import save_image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from config import build_config  # noqa: E402
-from dataset import DEFAULT_DATA_DIR, find_images  # noqa: E402
+from config import build_config, parse_train_args  # noqa: E402
+from dataset import DEFAULT_DATA_DIR, find_images, folder_files, holdout_split  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
-from sample import load_model, pick_device  # noqa: E402
-from train import parse_args as parse_train_args  # noqa: E402
+from distributed import pick_device  # noqa: E402
+from sample import enlarge, load_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -69,12 +69,13 @@ def measure(state, n, steps, noise_sets=1):
     diffusion = make_diffusion(cfg, device)
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
+    held_out = holdout_split(folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
     y = torch.arange(n) % cfg.num_labels
     results = []
     for k in range(noise_sets):
         noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED + k))
         fake = diffusion.sample_batches(model, noise, y, 64, device, "ddim", steps)
-        results.append(metrics.score_samples(fake, data_dir, cfg.holdout, train_files)[0])
+        results.append(metrics.score_samples(fake, held_out, train_files)[0])
         if k == 0:
             first = fake  # the grid shows the set a single measurement uses
     result = {**results[0], "mean": sum(r["mean"] for r in results) / noise_sets,
@@ -98,7 +99,7 @@ def main(argv=None):
         t0 = time.time()
         result, fake = measure(state, args.n, args.steps, args.noise_sets)
         grid = os.path.join(args.run_dir, f"swd_step_{state['step']:07d}.png")  # kept: pruning removes old step_*.pt
-        save_image((fake[:64] + 1) / 2, grid, nrow=8)
+        save_image(enlarge((fake[:64] + 1) / 2), grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
         spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if "sets" in result else ""
         print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({spread}eval {time.time() - t0:.0f}s, {grid})",

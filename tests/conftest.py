@@ -13,6 +13,8 @@ sys.path.insert(0, ROOT)
 from config import build_config  # noqa: E402
 from dataset import draw_panda  # noqa: E402
 
+collect_ignore = ["kill_test.py"]  # a harness (and a command) that drives train.py, not a test module
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

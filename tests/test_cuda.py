@@ -90,8 +90,8 @@ def test_bench_quick_on_cuda(tmp_path):
 
 def test_no_amp_means_true_fp32():
     """--amp turns TF32 matmuls on with bf16 autocast; --no-amp leaves both off (a real fp32 run)."""
-    code = ("import torch, train\n"
+    code = ("import torch, distributed\n"
             "for amp in (True, False):\n"
-            "    train.select_device('cuda', 0, amp)\n"
+            "    distributed.select_device('cuda', 0, amp)\n"
             "    print(torch.backends.cuda.matmul.allow_tf32)")
     assert python("-c", code, cwd=ROOT).split() == ["True", "False"]

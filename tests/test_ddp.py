@@ -119,10 +119,10 @@ def _rank_main(rank, world_size, port, workdir, argv, queue):
         report["logged_loss"].append(float(out["loss"]))
         return out
 
-    def run_loop(r, p):
-        real_loop(r, p)
-        report.update(step=p["step"], epoch=p["epoch"], epoch_pos=p["epoch_pos"], model=digest(r.model.state_dict()),
-                      ema=digest(r.ema.state_dict()), rng=hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
+    def run_loop(run, progress):
+        real_loop(run, progress)
+        report.update(step=progress.step, epoch=progress.epoch, epoch_pos=progress.epoch_pos, model=digest(run.model.state_dict()),
+                      ema=digest(run.ema.state_dict()), rng=hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest(),
                       world_size=dist.get_world_size() if dist.is_initialized() else 1)
 
     def sample_grid(*args, **kwargs):
@@ -256,18 +256,18 @@ class SplitDraws:
 
 
 def one_sgd_step(world_size, half=None, parts=1):
-    """train.train_step with plain SGD (unlike Adam's first step, its update scales with the gradient, so a
+    """optim.train_step with plain SGD (unlike Adam's first step, its update scales with the gradient, so a
     sum over ranks would show) on half 0 or 1 of a fixed batch of 4, or all of it (half=None) in `parts`
     slices; returns (each parameter's update, the logged loss)."""
-    import train
+    import optim
     cfg = dataclasses.replace(build_config({"preset": "tiny", "device": "cpu"}), adaln_zero=False, grad_clip=0.0)
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     y = torch.tensor([0, 0, 0, 0])
     share = slice(0, 4) if half is None else slice(2 * half, 2 * half + 2)
-    model, _, _, train_model = train.build_training(cfg, torch.device("cpu"), world_size)
+    model, _, _, train_model = optim.build_training(cfg, torch.device("cpu"), world_size)
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    out = train.train_step(train_model, sgd, SplitDraws(make_diffusion(cfg), parts, half or 0), x[share], y[share], 0.5, cfg,
+    out = optim.train_step(train_model, sgd, SplitDraws(make_diffusion(cfg), parts, half or 0), x[share], y[share], 0.5, cfg,
                            contextlib.nullcontext())
     return {k: (p.detach() - before[k]).numpy() for k, p in model.named_parameters()}, float(out["loss"])
 
@@ -277,9 +277,9 @@ def _sgd_rank(rank, port, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     import torch.distributed as dist
-    import train
+    import distributed
     try:
-        train.setup_distributed("cpu")
+        distributed.setup_distributed("cpu")
         queue.put((rank, one_sgd_step(2, half=rank)))
     except BaseException as e:
         queue.put((rank, f"{type(e).__name__}: {e}"))

@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 
 import metrics  # noqa: E402
 from conftest import make_pandas, run_train  # noqa: E402
-from dataset import draw_panda  # noqa: E402
+from dataset import draw_panda, folder_files, holdout_split  # noqa: E402
 
 
 def pandas(n, size=64, seed=0):
@@ -100,21 +100,12 @@ def test_samples_and_reference_photos_are_scored_on_one_scale(tmp_path):
     """Samples that are the reference photos score 0 even when both sets share one normalisation
     (norm='union' measures a scale mismatch that the per-set one hides)."""
     data = make_pandas(tmp_path / "pandas", 8, size=metrics.EVAL_SIZE)
-    held = metrics.reference_paths(data, 4, [], 4)
+    held_out = holdout_split(folder_files(data), 4)[1]
+    held = metrics.reference_paths(held_out, [], 4)
     fake = metrics.load_images(held, metrics.EVAL_SIZE).float() / 127.5 - 1  # as the sampler returns them
     for norm in ("set", "union"):
-        result, n_ref = metrics.score_samples(fake, data, 4, [], norm=norm)
+        result, n_ref = metrics.score_samples(fake, held_out, [], norm=norm)
         assert result["mean"] == 0.0 and n_ref == 4 and (result["n_real"], result["n_fake"]) == (4, 4)
-
-
-def test_holdout_split_is_the_last_sorted_files():
-    files = [("d/b.png", 0), ("d/c.png", 1), ("d/a.png", 0), ("d/e.png", 1), ("d/d.png", 0)]
-    train, held = metrics.holdout_split(files, 2)
-    assert held == [("d/d.png", 0), ("d/e.png", 1)]
-    assert train == [("d/b.png", 0), ("d/c.png", 1), ("d/a.png", 0)]  # order kept
-    assert metrics.holdout_split([f for f, _ in files], 0) == ([f for f, _ in files], [])
-    with pytest.raises(metrics.DataError, match="holdout"):
-        metrics.holdout_split(files, 5)
 
 
 def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
@@ -148,6 +139,7 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
     assert sorted(swds) == [2, 4, 6] and all(math.isfinite(v) and v > 0 for v in swds.values())
     assert {"Quality/swd_level_64", "Quality/swd_level_32", "Quality/swd_level_16"} <= set(events.Tags()["scalars"])
     assert "Quality/samples" in events.Tags()["images"]
+    assert events.Images("Quality/samples")[0].width == 2 * 130 + 2  # 4 samples of 16 px, enlarged to 128 px
     best = torch.load(tmp_path / "checkpoints" / "q" / "best.pt", weights_only=True)
     assert best["best_swd"] == pytest.approx(min(swds.values()), rel=1e-5)
     assert best["step"] == min(swds, key=swds.get) and "model" in best and "ema" in best

@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+from PIL import Image
 
 from conftest import ROOT, make_pandas
 
@@ -30,6 +31,7 @@ def test_trains_in_increments_of_one_run_and_measures_each(tmp_path, capsys):
     assert os.listdir(tmp_path / "ck") == ["c"]  # one run, resumed, not two
     assert {"swd_step_0000002.png", "swd_step_0000004.png"} <= set(os.listdir(tmp_path / "ck" / "c"))  # the samples scored
     assert "| 4 | 4 |" in capsys.readouterr().out
+    assert Image.open(tmp_path / "ck" / "c" / "swd_step_0000004.png").width == 4 * 130 + 2  # 4 samples of 16 px in a row, enlarged to 128 px
 
 
 def test_noise_sets_average_sets_of_other_noise_and_keep_the_single_measurement_first(tmp_path, capsys):

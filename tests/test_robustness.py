@@ -9,7 +9,7 @@ exits 1 with one line starting 'error:'.
 
 Runs use the tiny preset on 10 images of ~20 px with batch 4: an epoch is 2 steps, so every odd
 step ends mid-epoch. Killed runs are child processes (forked, or spawned afresh on a GPU
-machine) paused at exact points by the hooks of scripts/kill_test.py; the Ctrl-C test runs the
+machine) paused at exact points by the hooks of tests/kill_test.py; the Ctrl-C test runs the
 real `python train.py`.
 """
 import errno
@@ -45,7 +45,6 @@ from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_f
 import dataset  # noqa: E402
 from dataset import DataError, ImageCache, draw_panda  # noqa: E402
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import kill_test  # noqa: E402
 
 STEPS = 12
@@ -199,13 +198,13 @@ def test_resume_mid_epoch_is_bitwise_exact(straight, workers):
 def test_sigint_mid_epoch_then_resume_is_exact_and_tensorboard_continues(straight, monkeypatch, capsys):
     """A Ctrl-C at step 7 saves that step; the resumed run matches and continues TensorBoard's step axis."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    real_account = train.account
+    real_account, interrupted = train.account, []
 
-    def account(r, p, out):
-        real_account(r, p, out)
-        if p["step"] == 7 and not p.get("interrupted"):
-            p["interrupted"] = True
-            signal.raise_signal(signal.SIGINT)  # handled by train.Stopper, like a real Ctrl-C
+    def account(run, progress, out):
+        real_account(run, progress, out)
+        if progress.step == 7 and not interrupted:
+            interrupted.append(True)
+            signal.raise_signal(signal.SIGINT)  # handled by distributed.Stopper, like a real Ctrl-C
 
     monkeypatch.setattr(train, "account", account)
     run()
@@ -225,14 +224,14 @@ def test_sigterm_while_waiting_for_a_batch_that_never_comes_saves_the_last_step(
     real_account, real_getitem = train.account, ImageCache.__getitem__
     state = {}
 
-    def account(r, p, out):
-        real_account(r, p, out)
-        state["step"] = p["step"]
+    def account(run, progress, out):
+        real_account(run, progress, out)
+        state["step"] = progress.step
 
     def getitem(self, item):
         if state.get("step") == 7:
             state["step"] = None
-            signal.raise_signal(signal.SIGTERM)  # handled by train.Stopper
+            signal.raise_signal(signal.SIGTERM)  # handled by distributed.Stopper
             raise RuntimeError("DataLoader worker (pid(s) 1234) exited unexpectedly")
         return real_getitem(self, item)
 
@@ -319,6 +318,17 @@ def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising
     else:
         with pytest.raises(RuntimeError, match="exited unexpectedly"):
             list(train.loader_batches(dying_loader(), stopper))
+
+
+@pytest.mark.parametrize("error", [ValueError("a bad batch"), RuntimeError("CUDA error: out of memory")])
+def test_a_loader_failing_otherwise_after_a_stop_request_still_raises(error):
+    """Only the loader's own dead-worker error is taken for the stop's doing: any other error is real, stop or not."""
+    def failing_loader():
+        yield "batch 0"
+        raise error
+
+    with pytest.raises(type(error), match=str(error)):
+        list(train.loader_batches(failing_loader(), types.SimpleNamespace(requested=True)))
 
 
 @pytest.mark.parametrize("during", ["load_data", "log_start"])

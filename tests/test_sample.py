@@ -55,8 +55,18 @@ def test_writes_grid_and_one_png_per_image(plain, tmp_path, capsys):
     run_sample("--ckpt", plain, "--n", 5, "--steps", 5, "--out", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "grid.png"]
     assert Image.open(tmp_path / "0003.png").size == (16, 16)
-    assert Image.open(tmp_path / "grid.png").size == (3 * 18 + 2, 2 * 18 + 2)  # 3 columns, 2 rows, 2 px padding
+    assert Image.open(tmp_path / "grid.png").size == (3 * 130 + 2, 2 * 130 + 2)  # 3 columns, 2 rows of 128 px, 2 px padding
     assert str(tmp_path / "grid.png") in capsys.readouterr().out
+
+
+def test_grids_enlarge_small_images_nearest_neighbour():
+    """A 16 px image becomes 128 px of 8x8 blocks of its own pixels; one of 128 px or more stays as it is."""
+    small = torch.rand(2, 3, 16, 16)
+    big = sample.enlarge(small)
+    assert big.shape == (2, 3, 128, 128)
+    assert torch.equal(big[:, :, ::8, ::8], small) and torch.equal(big, small.repeat_interleave(8, 2).repeat_interleave(8, 3))
+    assert sample.enlarge(torch.rand(1, 3, 48, 48)).shape[-1] == 144  # a whole factor: 3x
+    assert sample.enlarge(torch.rand(1, 3, 128, 128)).shape[-1] == 128
 
 
 def test_default_output_is_samples_run_step(plain, tmp_path, monkeypatch):
@@ -136,9 +146,9 @@ def test_same_seed_same_images_other_seed_other_images(plain, tmp_path):
 def test_trajectory_strip(plain, tmp_path):
     """--trajectory writes a two-row strip (x_t, predicted x0) of 16 frames, or fewer with fewer steps."""
     run_sample("--ckpt", plain, "--n", 2, "--steps", 20, "--trajectory", "--out", tmp_path / "t20")
-    assert Image.open(tmp_path / "t20/trajectory.png").size == (16 * 18 + 2, 2 * 18 + 2)
+    assert Image.open(tmp_path / "t20/trajectory.png").size == (16 * 130 + 2, 2 * 130 + 2)
     run_sample("--ckpt", plain, "--n", 1, "--steps", 5, "--trajectory", "--out", tmp_path / "t5")
-    assert Image.open(tmp_path / "t5/trajectory.png").size == (5 * 18 + 2, 2 * 18 + 2)
+    assert Image.open(tmp_path / "t5/trajectory.png").size == (5 * 130 + 2, 2 * 130 + 2)
     run_sample("--ckpt", plain, "--n", 1, "--steps", 5, "--out", tmp_path / "none")
     assert not os.path.exists(tmp_path / "none/trajectory.png")
 

@@ -77,6 +77,12 @@ def test_tensorboard_has_every_tag(resumed_run):
     assert all(np.isfinite(e.value) for e in acc.Scalars("Loss/batch"))
 
 
+def test_tensorboard_sample_grid_shows_each_image_at_128_px(resumed_run):
+    """The tiny preset's 16 px samples are enlarged nearest-neighbour in the grid: 4 images, 2 x 2 of 128 px."""
+    image = events(resumed_run[1]["events"][0]).Images("Samples")[0]
+    assert (image.width, image.height) == (2 * 130 + 2, 2 * 130 + 2)
+
+
 def test_resume_continues_steps(resumed_run):
     """The second run starts at the saved step: new checkpoints and TensorBoard steps continue, not restart at 0."""
     work, first = resumed_run
@@ -89,24 +95,6 @@ def test_resume_continues_steps(resumed_run):
     assert steps == list(range(FIRST + 5, SECOND + 1, 5))
     merged = [e.step for e in events(str(work / "dit_training/tiny")).Scalars("Loss/batch")]
     assert merged == list(range(5, SECOND + 1, 5))
-
-
-def test_resume_keeps_this_runs_optimizer_kernel():
-    """A checkpoint written by the unfused Adam resumes with the fused one build_training picks (and the state)."""
-    cfg = config.build_config({"preset": "tiny", "device": "cpu"}, False)
-    model, ema, optimizer, _ = train.build_training(cfg, torch.device("cpu"), 1)
-    old = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # what runs saved before the fused kernel
-    x, t, y = torch.randn(2, 3, cfg.image_size, cfg.image_size), torch.tensor([500, 20]), torch.zeros(2, dtype=torch.long)
-    model(x, t, y).square().mean().backward()
-    old.step()
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": old.state_dict(),
-             "rng": train.rng_states(torch.device("cpu")), "step": 1}
-    assert optimizer.param_groups[0]["fused"] is True and state["optimizer"]["param_groups"][0]["fused"] is None
-    assert train.restore(state, model, ema, optimizer, torch.device("cpu"))["step"] == 1
-    assert optimizer.param_groups[0]["fused"] is True
-    assert int(optimizer.state[next(model.parameters())]["step"]) == 1
-    optimizer.step()  # the fused kernel accepts the state the unfused one wrote
-    assert int(optimizer.state[next(model.parameters())]["step"]) == 2
 
 
 def test_tensorboard_drops_what_a_crash_logged_after_the_checkpoint(tmp_path):
@@ -131,6 +119,17 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     assert not missing.exists()  # nothing is generated for an explicit folder
     # nor left behind: the run folders made for the write check are removed again, so the run's name is free
     assert sorted(os.listdir(tmp_path / "work")) == []
+
+
+def test_num_labels_that_disagree_with_the_label_folders_are_refused(tmp_path, capsys):
+    """--num-labels 3 on two label folders is one error line, not silently replaced by 2; the matching value trains."""
+    make_pandas(tmp_path / "pandas" / "giant", 2, seed=0)
+    make_pandas(tmp_path / "pandas" / "red", 2, seed=1)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "work", tmp_path / "pandas", "--max-steps", 1, "--num-labels", 3)
+    assert str(e.value.code).startswith("error: --num-labels 3") and "2 label(s)" in str(e.value.code)
+    run_train(tmp_path / "work", tmp_path / "pandas", "--max-steps", 1, "--num-labels", 2, "--sample-every", 0, "--no-log-graph")
+    assert torch.load(tmp_path / "work/checkpoints/tiny/latest.pt", weights_only=True)["config"]["num_labels"] == 2
 
 
 def test_failed_start_keeps_folders_it_did_not_make(tmp_path):
@@ -162,43 +161,15 @@ def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, caps
 def test_every_config_field_is_a_flag(capsys):
     """Each Config field has a documented --flag, `--help` exits 0, and flags reach the config."""
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--help"])
+        config.parse_train_args(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for f in dataclasses.fields(config.Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    overrides, fresh = train.parse_args(["--image-size", "32", "--no-hflip", "--lr", "0.5", "--loss", "mse", "--fresh"])
+    overrides, fresh = config.parse_train_args(["--image-size", "32", "--no-hflip", "--lr", "0.5", "--loss", "mse", "--fresh"])
     assert overrides == {"image_size": 32, "hflip": False, "lr": 0.5, "loss": "mse"} and fresh
     cfg = config.build_config({**overrides, "preset": "tiny"})
     assert (cfg.image_size, cfg.hflip, cfg.lr, cfg.loss, cfg.depth) == (32, False, 0.5, "mse", 2)
-
-
-def test_cosine_lr_decays_over_whichever_budget_ends_first():
-    """Warm-up is linear; cosine reaches 10% at --max-steps, or at the end of --max-minutes if that comes first."""
-    cfg = config.build_config({"preset": "tiny", "lr": 1.0, "warmup_steps": 10, "max_steps": 110, "lr_schedule": "cosine"})
-    assert [train.lr_at(cfg, s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [train.lr_at(cfg, s) for s in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
-    assert train.lr_at(cfg, 60, elapsed=1e9) == pytest.approx(0.55)  # no time budget: the clock is ignored
-    timed = dataclasses.replace(cfg, max_minutes=2.0)
-    assert [train.lr_at(timed, 20, elapsed=s) for s in (0, 60, 120, 999)] == pytest.approx([train.lr_at(cfg, 20), 0.55, 0.1, 0.1])
-    assert train.lr_at(timed, 5, elapsed=60) == pytest.approx(0.6 * 0.55)  # warm-up and decay multiply
-    assert train.lr_at(dataclasses.replace(timed, lr_schedule="constant"), 60, elapsed=999) == 1.0
-
-
-def test_ema_decay_warms_up_or_follows_the_power_function():
-    """Default: min(0.999, (1+step)/(10+step)). With --ema-gamma the EMA is the whole run's weights averaged
-    with weight ~ step^gamma, so its mean age grows with the run: after T steps it sits at ~(gamma+1)/(gamma+2) T."""
-    cfg = config.build_config({"preset": "panda48"})
-    assert [train.ema_decay_at(dataclasses.replace(cfg, ema_gamma=0.0), s) for s in (0, 90, 10**5)] == pytest.approx([0.1, 0.91, 0.999])
-    for gamma, steps in ((3.0, 1000), (3.0, 4000), (1.0, 1000)):
-        power = dataclasses.replace(cfg, ema_gamma=gamma)
-        avg = 0.0
-        for step in range(steps):  # the EMA of a weight that equals the step count
-            decay = train.ema_decay_at(power, step)
-            avg = decay * avg + (1 - decay) * (step + 1)
-        assert avg == pytest.approx((gamma + 1) / (gamma + 2) * steps, rel=1e-3)
-    no_decay = config.build_config({"preset": "tiny", "ema_decay": 0.0, "ema_gamma": 3.0})
-    assert train.build_training(no_decay, torch.device("cpu"), 1)[1] is not None  # --ema-gamma alone turns the EMA on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +235,7 @@ def test_tiny_model_overfits_four_images():
                                           ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "score"),
                                           ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step"),
                                           ("mlp_act", "silu"), ("sample_steps", 0), ("lr", 0.0), ("mlp_ratio", 0.0),
-                                          ("ema_decay", 1.0)])
+                                          ("ema_decay", 1.0), ("in_channels", 1)])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
@@ -272,13 +243,3 @@ def test_out_of_range_settings_are_one_clear_error(field, value):
     assert str(e.value).startswith("error: ") and field in str(e.value)
     if field in config.CHOICES:  # a bad choice lists the good ones
         assert ", ".join(config.CHOICES[field]) in str(e.value)
-
-
-def test_bad_device_is_a_clear_error(monkeypatch):
-    """An unknown or unavailable --device ends in one sentence, not a torch traceback."""
-    with pytest.raises(SystemExit, match="unknown --device 'gpu'"):
-        train.select_device("gpu", 0, True)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        train.select_device("cuda:1", 0, True)
-    assert train.select_device("auto", 0, True) == torch.device("cpu")

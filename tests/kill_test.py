@@ -1,7 +1,7 @@
 """SIGKILL tiny training runs at random moments, resume each time, and check that nothing is lost.
 
-    python scripts/kill_test.py                    # 20 kills; about 2-3 minutes on 2 CPU cores
-    python scripts/kill_test.py --kills 5 --seed 3
+    python tests/kill_test.py                      # 20 kills; about 2-3 minutes on 2 CPU cores
+    python tests/kill_test.py --kills 5 --seed 3
 
 Each round starts `train.py --preset tiny` on a dozen generated images, checkpointing every step
 with each write slowed down (so many kills land inside a write), and SIGKILLs it after a random
@@ -102,9 +102,9 @@ def child(train_args):
             _hang()
         real_copy(folder, path)
 
-    def account(r, p, out):
-        real_account(r, p, out)
-        if kind == "step" and p["step"] == int(k):
+    def account(run, progress, out):
+        real_account(run, progress, out)
+        if kind == "step" and progress.step == int(k):
             _hang(until=lambda: signalled)
 
     def handle(self, signum, frame):
