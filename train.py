@@ -280,14 +280,14 @@ class Logger:
 
 
 def sample_grid(cfg, model, diffusion, device, num_labels):
-    """A grid of DDIM samples from fixed noise, so grids at different steps are comparable."""
+    """A grid of samples (--sampler) from fixed noise, so grids at different steps are comparable."""
     from torchvision.utils import make_grid
     g = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     y = (torch.arange(cfg.sample_n) % num_labels).to(device)
     was_training = model.training
     model.eval()
-    images = diffusion.sample(model, noise, y, "ddim", min(cfg.sample_steps, cfg.max_t),
+    images = diffusion.sample(model, noise, y, diffusion.sampler, min(cfg.sample_steps, cfg.max_t),
                               generator=torch.Generator(device).manual_seed(cfg.seed + 2))
     model.train(was_training)
     return make_grid((images.float().cpu() + 1) / 2, nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
@@ -572,8 +572,9 @@ def evaluate(r, p):
     y = torch.arange(cfg.eval_n) % len(r.data.classes)
     was_training = model.training
     model.eval()
-    # DDIM eta=0 from fixed noise: depends only on the weights
-    fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, "ddim", min(cfg.eval_steps, cfg.max_t))
+    # from fixed noise (and fixed ancestral draws for ddpm): depends only on the weights
+    fake = r.diffusion.sample_batches(model, noise, y, chunk, r.device, r.diffusion.sampler, min(cfg.eval_steps, cfg.max_t),
+                                      seed=metrics.EVAL_NOISE_SEED)
     model.train(was_training)
     try:
         result, n_ref = metrics.score_samples(fake, cfg.data_dir or DEFAULT_DATA_DIR, cfg.holdout, r.data.files)
