@@ -188,7 +188,10 @@ def test_diffusion_path_unchanged(tiny_cfg):
 def flow_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     make_pandas(root / "pandas", 4)
-    run_train(root / "work", root / "pandas", "--objective", "flow", "--max-steps", 2, "--sample-every", 0, "--no-log-graph")
+    # the sample grid and the SWD evaluation must draw with a flow sampler (a DDIM call on Flow raises)
+    run_train(root / "work", root / "pandas", "--objective", "flow", "--max-steps", 2, "--sample-every", 2,
+              "--eval-every", 2, "--eval-n", 4, "--eval-steps", 2, "--no-log-graph")
+    assert (root / "work/checkpoints/tiny/best.pt").exists()
     return root
 
 
