@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"), "loss": ("l1", "mse", "hybrid"),
            "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"), "mlp_act": ("gelu", "relu"),
            "objective": ("diffusion", "flow"), "sampler": ("auto", "ddim", "ddpm", "euler", "heun")}
-# The samplers of each objective; "auto" is the first (diffusion.Flow's docstring says why heun for flow).
-SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("heun", "euler")}
+# The samplers of each objective; "auto" is the first (diffusion.Flow's docstring says why euler for flow).
+SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun")}
 
 
 def knob(default, help):
@@ -49,7 +49,7 @@ class Config:
     objective: str = knob("diffusion", "diffusion (DDPM, as described: noise at integer t, the schedule below) or flow (rectified flow, "
                                        "Esser et al. 2024: x_t = (1 - t) x_0 + t eps, t = sigmoid(N(0, 1)) in [0, 1], fed to the model as t * max_t, "
                                        "and the model predicts the velocity eps - x_0; the beta knobs do not apply)")
-    max_t: int = knob(1000, "diffusion steps T")
+    max_t: int = knob(1000, "diffusion steps T (with --objective flow: the model's timestep input is t * max_t)")
     noise_schedule: str = knob("linear", "beta schedule: linear (as described) or cosine (Nichol & Dhariwal 2021; ignores beta_start/end)")
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
@@ -84,7 +84,7 @@ class Config:
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim or ddpm for diffusion, "
-                                "heun or euler for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, heun for flow")
+                                "euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, euler for flow")
     sample_steps: int = knob(50, "sampler steps for the TensorBoard samples")
     eval_every: int = knob(0, "steps between SWD evaluations (Quality/swd, best.pt; 0 = off)")
     eval_n: int = knob(256, "images generated for each SWD evaluation")
