@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 
 # The values each string knob accepts; diffusion.Diffusion checks its arguments against the same lists.
 CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"), "loss": ("l1", "mse", "hybrid"),
-           "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"), "mlp_act": ("gelu", "relu")}
+           "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"), "mlp_act": ("gelu", "relu"),
+           "objective": ("diffusion", "flow"), "sampler": ("auto", "ddim", "ddpm", "euler", "heun")}
+# The samplers of each objective; "auto" is the first (diffusion.Flow's docstring says why euler for flow).
+SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun")}
 
 
 def knob(default, help):
@@ -49,14 +52,19 @@ class Config:
     route_end: int = knob(-1, "with --route-ratio: the block before which the routed tokens rejoin; negative counts "
                               "from the end (-1 = the last block, depth = after it)")
     # --- diffusion ---
-    max_t: int = knob(1000, "diffusion steps T")
+    objective: str = knob("diffusion", "diffusion (DDPM, as described: noise at integer t, the schedule below) or flow (rectified flow, "
+                                       "Esser et al. 2024: x_t = (1 - t) x_0 + t eps, t = sigmoid(N(0, 1)) in [0, 1], fed to the model as t * max_t, "
+                                       "and the model predicts the velocity eps - x_0; the beta knobs do not apply)")
+    max_t: int = knob(1000, "diffusion steps T (with --objective flow: the model's timestep input is t * max_t)")
     noise_schedule: str = knob("linear", "beta schedule: linear (as described) or cosine (Nichol & Dhariwal 2021; ignores beta_start/end)")
     beta_start: float = knob(1e-4, "first beta of the linear schedule")
     beta_end: float = knob(0.02, "last beta of the linear schedule")
-    prediction: str = knob("eps", "what the model predicts: eps (the noise, as described), v (Salimans & Ho 2022) or x0 (the clean image, trained on the v it implies)")
-    loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below)")
+    prediction: str = knob("eps", "what the model predicts: eps (the noise, as described), v (Salimans & Ho 2022) or x0 (the clean image, trained on the v it implies); "
+                                  "with --objective flow: v (the velocity eps - x_0, its default) or x0 (trained and sampled through the velocity "
+                                  "(x_t - x_0) / t, t capped below at 0.05), not eps (default: eps; v with --objective flow)")
+    loss: str = knob("l1", "loss on the prediction: l1, mse, or hybrid (MSE at t >= --hybrid-t, L1 below; with --objective flow at t >= hybrid_t / max_t)")
     hybrid_t: int = knob(850, "with --loss hybrid: the first timestep trained with MSE instead of L1")
-    min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale for MSE; L1 gets the same per-step weights (0 = off, as described)")
+    min_snr_gamma: float = knob(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) on the x0 scale for MSE; L1 gets the same per-step weights (0 = off, as described; diffusion only)")
     # --- optimisation ---
     optimizer: str = knob("adam", "adam or adamw")
     lr: float = knob(3e-4, "peak learning rate")
@@ -81,10 +89,12 @@ class Config:
     hist_every: int = knob(200, "steps between noise-prediction histograms")
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
-    sample_steps: int = knob(50, "DDIM steps for the TensorBoard samples")
+    sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim or ddpm for diffusion, "
+                                "euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, euler for flow")
+    sample_steps: int = knob(50, "sampler steps for the TensorBoard samples")
     eval_every: int = knob(0, "steps between SWD evaluations (Quality/swd, best.pt; 0 = off)")
     eval_n: int = knob(256, "images generated for each SWD evaluation")
-    eval_steps: int = knob(50, "DDIM steps for the SWD evaluation samples")
+    eval_steps: int = knob(50, "sampler steps for the SWD evaluation samples")
     holdout: int = knob(0, "last N images (sorted) not trained on, the SWD reference (0 = eval_n training images)")
     ckpt_every: int = knob(500, "steps between checkpoints (latest.pt)")
     keep_last: int = knob(3, "periodic checkpoints to keep besides milestones")
@@ -173,6 +183,8 @@ def build_config(overrides, cuda_available=False):
     """Defaults <- preset <- explicit overrides (a dict of flag values)."""
     preset = resolve_preset(overrides.get("preset", "auto"), cuda_available, bool(overrides.get("data_dir")))
     values = {**PRESETS[preset], **overrides, "preset": preset}
+    if values.get("objective") == "flow":  # eps does not apply to flow: the model predicts the velocity unless told x0
+        values.setdefault("prediction", "v")
     cfg = Config(**values)
     if not cfg.run:
         cfg.run = preset
@@ -213,6 +225,7 @@ def check_config(cfg):
     if cfg.in_channels != 3:
         problems.append(f"in_channels must be 3, not {cfg.in_channels}: every image is read as RGB")
     problems += route_problems(cfg)
+    problems += objective_problems(cfg)
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -229,6 +242,22 @@ def route_problems(cfg):
     if cfg.route_ratio > 0 and round(tokens * (1 - cfg.route_ratio)) < 1:
         return [f"route_ratio {cfg.route_ratio} routes all {tokens} tokens past the middle blocks; lower --route-ratio"]
     return []
+def objective_problems(cfg):
+    """What --objective flow cannot combine with, and samplers of the other objective."""
+    problems = []
+    if cfg.objective == "flow" and cfg.prediction == "eps":
+        problems.append("--prediction eps does not apply to --objective flow (the model predicts the velocity); use --prediction v or x0")
+    if cfg.objective == "flow" and cfg.min_snr_gamma:
+        problems.append("--min-snr-gamma is for --objective diffusion only; drop it or use --min-snr-gamma 0")
+    allowed = SAMPLERS.get(cfg.objective, ())
+    if cfg.sampler != "auto" and cfg.objective in SAMPLERS and cfg.sampler not in allowed:
+        problems.append(f"--sampler {cfg.sampler} is not a sampler of --objective {cfg.objective}; use auto or {' or '.join(allowed)}")
+    return problems
+
+
+def resolve_sampler(cfg):
+    """cfg.sampler, with auto replaced by the objective's default."""
+    return SAMPLERS[cfg.objective][0] if cfg.sampler == "auto" else cfg.sampler
 
 
 def terminal_alpha_bar(cfg):
@@ -248,4 +277,4 @@ def config_from_dict(d):
 # Fields that change the network's shapes or meaning: a checkpoint cannot resume across them.
 ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "emb_dim", "depth", "num_heads", "head_dim",
                "mlp_ratio", "mlp_act", "freq_dim", "num_labels", "label_dropout", "max_t", "beta_start", "beta_end", "prediction",
-               "noise_schedule")
+               "noise_schedule", "objective")

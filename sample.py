@@ -3,6 +3,7 @@
     python sample.py                                   # newest checkpoint of the newest run
     python sample.py --ckpt checkpoints/panda64/latest.pt --n 64 --sampler ddim --steps 50
     python sample.py --sampler ddpm                    # the description's 1000-step sampler
+    python sample.py --sampler heun --steps 25         # a flow checkpoint (--objective flow): euler (default) or heun
     python sample.py --trajectory                      # one image's denoising, 16 frames
 
 Writes samples/<run>/<step>/grid.png (enlarged to at least 128 px per image) plus one PNG per image at
@@ -18,7 +19,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from checkpoint import CheckpointError, check_writable, load_checkpoint, load_latest, step_files
-from config import config_from_dict
+from config import SAMPLERS, config_from_dict, resolve_sampler
 from diffusion import make_diffusion
 from dit import DiT
 from distributed import pick_device
@@ -30,9 +31,12 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default="checkpoints", help="where train.py wrote its runs (default: checkpoints)")
     p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: ancestral; ddim: deterministic with eta=0 (default: ddim)")
-    p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = 50 for ddim, max_t for ddpm (default: 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral (default: 0)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default="",
+                   help="diffusion checkpoints: ddpm (ancestral) or ddim (deterministic with eta=0); flow checkpoints (--objective flow): "
+                        "euler or heun (ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, or euler for flow)")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = max_t for ddpm, else 50 (default: 0)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral; "
+                                                          "euler and heun take only 0 (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
     p.add_argument("--label", default="", help="label name (sub-folder of the training data) or index (default: all labels in turn)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = off (needs --label-dropout > 0 at training) (default: 1)")
@@ -89,6 +93,12 @@ def parse_label(label, classes):
 
 
 def check_args(args, cfg, model):
+    args.sampler = args.sampler or resolve_sampler(cfg)
+    if args.sampler not in SAMPLERS[cfg.objective]:
+        raise SystemExit(f"error: --sampler {args.sampler} does not sample a {cfg.objective} checkpoint; use "
+                         + " or ".join(SAMPLERS[cfg.objective]))
+    if args.eta and cfg.objective == "flow":
+        raise SystemExit(f"error: --eta is for ddim; {args.sampler} is deterministic, drop --eta")
     steps = args.steps or (cfg.max_t if args.sampler == "ddpm" else min(50, cfg.max_t))
     if not 1 <= steps <= cfg.max_t:
         raise SystemExit(f"error: --steps must be between 1 and max_t={cfg.max_t}, got {steps}")

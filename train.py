@@ -187,13 +187,13 @@ class Logger:
 
 
 def sample_grid(cfg, model, diffusion, device, num_labels):
-    """A grid of DDIM samples from fixed noise, so grids at different steps are comparable."""
+    """A grid of samples (--sampler) from fixed noise, so grids at different steps are comparable."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
     y = (torch.arange(cfg.sample_n) % num_labels).to(device)
     was_training = model.training
     model.eval()
-    images = diffusion.sample(model, noise, y, "ddim", min(cfg.sample_steps, cfg.max_t),
+    images = diffusion.sample(model, noise, y, diffusion.sampler, min(cfg.sample_steps, cfg.max_t),
                               generator=torch.Generator(device).manual_seed(cfg.seed + 2))
     model.train(was_training)
     return make_grid(enlarge((images.float().cpu() + 1) / 2), nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
@@ -238,14 +238,15 @@ def periodic(run, progress, out, meter, bar):
 
 
 def eval_samples(run):
-    """eval_n DDIM (eta=0) samples from fixed noise: they depend only on the weights."""
+    """eval_n samples (--sampler) from fixed noise: they depend only on the weights."""
     cfg, model = run.cfg, run.ema or run.model
     size = cfg.image_size
     noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
     y = torch.arange(cfg.eval_n) % len(run.data.classes)
     was_training = model.training
     model.eval()
-    fake = run.diffusion.sample_batches(model, noise, y, cfg.batch_size, run.device, "ddim", min(cfg.eval_steps, cfg.max_t))
+    fake = run.diffusion.sample_batches(model, noise, y, cfg.batch_size, run.device, run.diffusion.sampler,
+                                        min(cfg.eval_steps, cfg.max_t), seed=metrics.EVAL_NOISE_SEED)
     model.train(was_training)
     return fake
 

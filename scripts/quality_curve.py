@@ -74,7 +74,7 @@ def measure(state, n, steps, noise_sets=1):
     results = []
     for k in range(noise_sets):
         noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED + k))
-        fake = diffusion.sample_batches(model, noise, y, 64, device, "ddim", steps)
+        fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=metrics.EVAL_NOISE_SEED + k)
         results.append(metrics.score_samples(fake, held_out, train_files)[0])
         if k == 0:
             first = fake  # the grid shows the set a single measurement uses
@@ -102,7 +102,8 @@ def main(argv=None):
         save_image(enlarge((fake[:64] + 1) / 2), grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])
         spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if "sets" in result else ""
-        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({spread}eval {time.time() - t0:.0f}s, {grid})",
+        counts = f"{result['n_fake']} samples vs {result['n_real']} reference"
+        print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({counts}, {spread}eval {time.time() - t0:.0f}s, {grid})",
               flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -1,4 +1,9 @@
-"""bench.py: its measurements still run, and count the naive model's FLOPs as the fast one's."""
+"""bench.py: its measurements still run, count the naive model's FLOPs as the fast one's, and its figures agree."""
+import dataclasses
+
+import pytest
+import torch
+
 import bench
 import naive_dit
 from config import build_config
