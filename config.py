@@ -104,6 +104,7 @@ class Config:
     device: str = knob("auto", "auto, cpu, cuda, cuda:1, ...")
     seed: int = knob(0, "seed for weights, data order, noise")
     compile: bool = knob(False, "torch.compile the model (slow first step)")
+    dist_timeout: float = knob(10.0, "with torchrun: minutes a process waits for the others at a collective before the job fails")
     amp: bool = knob(True, "bf16 autocast where it is faster: on CUDA (with TF32 matmuls) and on CPUs whose bf16 matmuls beat fp32 "
                              "(AVX512-BF16/AMX, probed at start); weights, optimizer and checkpoints stay fp32; --no-amp = fp32")
 
@@ -220,6 +221,8 @@ def check_config(cfg):
     if cfg.max_t >= 1 and cfg.noise_schedule == "linear" and terminal_alpha_bar(cfg) > 0.05:
         problems.append(f"max_t={cfg.max_t} with betas {cfg.beta_start}..{cfg.beta_end} leaves {terminal_alpha_bar(cfg):.2f} "
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
+    if not cfg.dist_timeout > 0:
+        problems.append("dist_timeout must be > 0 minutes")
     if not 0.0 <= cfg.label_dropout < 1.0:
         problems.append("label_dropout must be in [0, 1)")
     if cfg.in_channels != 3:

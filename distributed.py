@@ -17,13 +17,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 
-def setup_distributed(device="auto"):
+def setup_distributed(device="auto", timeout_minutes=10.0):
     """(rank, world_size, local_rank); initialises the process group only under torchrun (RANK set).
 
     gloo for CPU training, nccl for CUDA with one GPU per process (LOCAL_RANK), bound before the
     first collective. A rank that dies closes its connections and the others fail at their next
     collective; one that hangs makes them fail after the timeout; either way torchrun then stops
-    every process. The timeout also bounds how long ranks wait for rank 0 to decode the image cache.
+    every process. The timeout also bounds how long ranks wait for rank 0 to decode the image cache,
+    so work done by rank 0 alone must stay well inside it (sampling is shared: `share`, `gather`).
     """
     if "RANK" not in os.environ:
         return 0, 1, 0
@@ -31,7 +32,7 @@ def setup_distributed(device="auto"):
     cuda = torch.cuda.is_available() and not device.startswith("cpu")
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10),
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=torch.device("cuda", local_rank) if cuda else None)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
@@ -141,6 +142,26 @@ def rank_max(values, device):
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
     return list(values)
+
+
+def share(n):
+    """The contiguous part of n items this process handles: every rank a share, in rank order."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+    per = -(-n // world_size)
+    return slice(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def gather(part, n, device):
+    """Each rank's `share(n)` of an (n, ...) CPU tensor, joined in rank order on every rank."""
+    if not distributed():
+        return part
+    per = -(-n // dist.get_world_size())
+    padded = torch.zeros(per, *part.shape[1:], dtype=part.dtype, device=device)  # all_gather needs equal shapes
+    padded[:len(part)] = part.to(device)
+    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+    with peers_alive():
+        dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n].cpu()
 
 
 def reseed_rank(seed, rank, step):

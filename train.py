@@ -27,8 +27,8 @@ from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_tr
 from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, folder_files, generate_pandas,
                      holdout_split, make_loader)
 from diffusion import make_diffusion
-from distributed import (Stopper, autocast_for, barrier, distributed, precision, rank_max, reseed_rank, say, select_device,
-                         setup_distributed)
+from distributed import (Stopper, autocast_for, barrier, distributed, gather, precision, rank_max, reseed_rank, say,
+                         select_device, setup_distributed, share)
 from optim import build_training, ema_decay_at, ema_update, lr_at, train_step
 from sample import enlarge
 
@@ -39,7 +39,7 @@ from sample import enlarge
 
 # Choices of one invocation, not of the run: a resume takes them from its own flags or the preset,
 # never from the checkpoint (a 10-minute budget, 10 GPU-box workers or cuda:3 must not follow the run).
-RUNTIME_FIELDS = ("max_minutes", "device", "num_workers", "compile")
+RUNTIME_FIELDS = ("max_minutes", "device", "num_workers", "compile", "dist_timeout")
 
 
 def resolve_config(overrides, fresh, rank):
@@ -186,17 +186,28 @@ class Logger:
             self.writer.close()
 
 
-def sample_grid(cfg, model, diffusion, device, num_labels):
-    """A grid of samples (--sampler) from fixed noise, so grids at different steps are comparable."""
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(device)
-    y = (torch.arange(cfg.sample_n) % num_labels).to(device)
+def shared_samples(run, noise, y, steps, seed):
+    """Samples of the EMA (or raw) weights from CPU noise, each rank drawing its share, joined on every rank:
+    no rank sits in a collective (whose timeout would end the job) while another samples alone."""
+    model, part = run.ema or run.model, share(len(noise))
     was_training = model.training
     model.eval()
-    images = diffusion.sample(model, noise, y, diffusion.sampler, min(cfg.sample_steps, cfg.max_t),
-                              generator=torch.Generator(device).manual_seed(cfg.seed + 2))
+    mine = noise[part]
+    if len(mine):
+        mine = run.diffusion.sample_batches(model, mine, y[part], run.cfg.batch_size, run.device, run.diffusion.sampler,
+                                            min(steps, run.cfg.max_t), seed=seed)
     model.train(was_training)
-    return make_grid(enlarge((images.float().cpu() + 1) / 2), nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
+    return gather(mine.float(), len(noise), run.device)
+
+
+def sample_grid(run):
+    """A grid of samples (--sampler) from fixed noise, so grids at different steps are comparable."""
+    cfg = run.cfg
+    noise = torch.randn(cfg.sample_n, cfg.in_channels, cfg.image_size, cfg.image_size,
+                        generator=torch.Generator().manual_seed(cfg.seed + 1))
+    y = torch.arange(cfg.sample_n) % len(run.data.classes)
+    images = shared_samples(run, noise, y, cfg.sample_steps, seed=cfg.seed + 2)
+    return make_grid(enlarge((images + 1) / 2), nrow=int(math.ceil(math.sqrt(cfg.sample_n))))
 
 
 class Meter:
@@ -220,8 +231,8 @@ def log_step(run, step, out, meter, bar):
 
 
 def log_samples(run, step):
-    if run.rank == 0:
-        run.log.images("Samples", sample_grid(run.cfg, run.ema or run.model, run.diffusion, run.device, len(run.data.classes)), step)
+    grid = sample_grid(run)  # every rank draws its share
+    run.log.images("Samples", grid, step)  # a no-op on ranks > 0
 
 
 def periodic(run, progress, out, meter, bar):
@@ -239,24 +250,19 @@ def periodic(run, progress, out, meter, bar):
 
 def eval_samples(run):
     """eval_n samples (--sampler) from fixed noise: they depend only on the weights."""
-    cfg, model = run.cfg, run.ema or run.model
-    size = cfg.image_size
-    noise = torch.randn(cfg.eval_n, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
+    cfg = run.cfg
+    noise = torch.randn(cfg.eval_n, cfg.in_channels, cfg.image_size, cfg.image_size,
+                        generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
     y = torch.arange(cfg.eval_n) % len(run.data.classes)
-    was_training = model.training
-    model.eval()
-    fake = run.diffusion.sample_batches(model, noise, y, cfg.batch_size, run.device, run.diffusion.sampler,
-                                        min(cfg.eval_steps, cfg.max_t), seed=metrics.EVAL_NOISE_SEED)
-    model.train(was_training)
-    return fake
+    return shared_samples(run, noise, y, cfg.eval_steps, seed=metrics.EVAL_NOISE_SEED)
 
 
 def evaluate(run, progress):
     """SWD (metrics.py) of eval_n EMA samples vs the reference photos at 64 px; a new best is saved as best.pt."""
     cfg, step, t0 = run.cfg, progress.step, time.time()
+    fake = eval_samples(run)  # every rank draws its share; rank 0 alone scores them (seconds)
     if run.rank != 0:
         return
-    fake = eval_samples(run)
     try:
         result, n_ref = metrics.score_samples(fake, run.held_out, run.data.files)
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
@@ -311,7 +317,7 @@ def save_best(run, progress):
 
 def main(argv=None):
     overrides, fresh = parse_train_args(argv)
-    rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"))
+    rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"), overrides.get("dist_timeout", 10.0))
     run = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
     created, started = [], False  # run folders this call made: removed again if it fails before training
     try:

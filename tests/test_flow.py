@@ -2,6 +2,7 @@
 logit-normal t, the config rules, a resume across objectives, sample.py on a flow checkpoint, and the DDPM path unchanged."""
 import math
 import shutil
+import types
 
 import pytest
 import torch
@@ -175,7 +176,9 @@ def test_diffusion_path_unchanged(tiny_cfg):
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0, 999])
     with torch.no_grad():
         assert torch.equal(model(x, t, t * 0), model(x, t.float(), t * 0))
-    grid = train.sample_grid(tiny_cfg, model, d, "cpu", 1)
+    run = types.SimpleNamespace(cfg=tiny_cfg, model=model, ema=None, diffusion=d, device=torch.device("cpu"),
+                                data=types.SimpleNamespace(classes=["pandas"]))
+    grid = train.sample_grid(run)
     noise = torch.randn(tiny_cfg.sample_n, 3, 16, 16, generator=torch.Generator().manual_seed(tiny_cfg.seed + 1))
     images = d.sample(model, noise, torch.zeros(tiny_cfg.sample_n, dtype=torch.long), "ddim", tiny_cfg.sample_steps)
     assert torch.equal(grid, make_grid(enlarge((images + 1) / 2), nrow=2))
