@@ -24,14 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
 from config import ARCH_FIELDS, PRESETS, build_config
 from dataset import EpochBatches, ImageCache, find_images, generate_pandas, make_loader
 from diffusion import make_diffusion
-from distributed import select_device
+from distributed import autocast_for, precision, select_device
 from dit import DiT
 from naive_dit import NaiveDiT, naive_from
 from optim import build_training, train_step
@@ -95,9 +94,10 @@ def matmul_peak(device, dtype=torch.float32, seconds=1.0):
 
 
 def peaks(device, seconds):
-    """({precision: FLOP/s}, the precision training runs in): fp32 on CPU; fp32, TF32 and bf16 on CUDA."""
+    """({precision: FLOP/s}, the precision train.py trains in here): fp32 and bf16; TF32 too on CUDA."""
     if device.type != "cuda":
-        return {"fp32": matmul_peak(device, torch.float32, seconds)}, "fp32"
+        out = {"fp32": matmul_peak(device, torch.float32, seconds), "bf16": matmul_peak(device, torch.bfloat16, seconds)}
+        return out, precision(device, True)[0]
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     out = {"fp32": matmul_peak(device, torch.float32, seconds)}
@@ -105,7 +105,7 @@ def peaks(device, seconds):
     out["tf32"] = matmul_peak(device, torch.float32, seconds)
     out["bf16"] = matmul_peak(device, torch.bfloat16, seconds)
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    return out, "bf16"  # train.py trains under bf16 autocast on CUDA (config amp)
+    return out, precision(device, True)[0]
 
 
 def peak_memory(device):
@@ -174,7 +174,7 @@ def child_setup(spec):
     overrides = dict(preset=spec["preset"], batch_size=spec["batch"], device=spec["device"],
                      compile=spec["compile"], ema_decay=0.0, ema_gamma=0.0)  # the step measured is optim.train_step: no EMA
     cfg = build_config(overrides, torch.cuda.is_available())
-    return cfg, select_device(cfg.device, 0, cfg.amp)
+    return cfg, select_device(cfg.device, 0, spec["precision"] == "bf16")  # fp32 on CUDA: TF32 off too
 
 
 def child_train(spec):
@@ -186,7 +186,7 @@ def child_train(spec):
         model = naive_from(cfg, model)
         optimizer = type(optimizer)(model.parameters(), **optimizer.defaults)  # same class and settings
         train_model = torch.compile(model) if cfg.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda" else nullcontext()
+    autocast = autocast_for(device, spec["precision"])
     diffusion, batches = make_diffusion(cfg, device), training_batches(spec, cfg, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -341,11 +341,15 @@ def bench_arch(names, batch, args, mode, device, data, tmp):
     naive_flops, naive_params = train_flops_per_image(NaiveDiT, cfg)
     r = dict(name="/".join(names), image_size=cfg.image_size, tokens=(cfg.image_size // cfg.patch_size) ** 2,
              batch=batch, params=params, naive_params=naive_params, train_flops=flops, naive_train_flops=naive_flops)
+    chosen = precision(device, True)[0]  # what train.py would train in here
     spec = dict(preset=names[0], batch=batch, device=str(device), compile=args.compile, threads=args.threads,
                 warmup=mode["warmup"], steps=mode["steps"], budget=mode["budget"], naive=False,
-                peak_seconds=mode["peak"])
-    say(f"{r['name']}: training (this repo), batch {batch}")
-    r["fast"] = run_child(spec)
+                peak_seconds=mode["peak"], precision=chosen)
+    r["by_precision"] = {}
+    for name in ("fp32", "bf16"):
+        say(f"{r['name']}: training (this repo, {name}), batch {batch}")
+        r["by_precision"][name] = run_child({**spec, "precision": name, "peak_seconds": spec["peak_seconds"] * (name == chosen)})
+    r["fast"] = r["by_precision"][chosen]
     r["naive"] = bench_naive(cfg, spec, args, device)
     say(f"{r['name']}: sampling")
     r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
@@ -396,6 +400,9 @@ def summarize(r, peak):
     for kind in ("fast", "naive"):
         if "step_times" in r[kind]:
             r[kind]["images_per_s"] = r["batch"] / statistics.median(r[kind]["step_times"])
+    for res in r.get("by_precision", {}).values():
+        if "step_times" in res:
+            res["images_per_s"] = r["batch"] / statistics.median(res["step_times"])
     fast, naive = r["fast"], r["naive"]
     if "images_per_s" in fast:
         r["achieved_flops"] = r["train_flops"] * fast["images_per_s"]
@@ -426,6 +433,7 @@ def table_rows(r, notes):
     return [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
             ("parameters (same for naive)", f"{r['params'] / 1e6:.3f} M{same}"),
             ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + same),
+            *precision_rows(r),
             ("train img/s, this repo", _error(f) or fmt(f.get("images_per_s"))),
             ("train img/s, naive", _error(n) or fmt(n.get("images_per_s"))),
             ("speed-up over naive", fmt(r.get("speedup"), "x")),
@@ -434,6 +442,15 @@ def table_rows(r, notes):
             ("memory this repo / naive", fmt(r.get("memory_ratio"))),
             ("achieved GFLOP/s (MFU)", f"{fmt(r.get('achieved_flops', 0) / 1e9)} ({fmt(100 * r.get('mfu', 0))}%)"),
             *sampling_and_data_rows(r, notes)]
+
+
+def precision_rows(r):
+    """Training speed in each precision, and bf16's ratio over fp32 (train.py picks by its own probe)."""
+    runs = r.get("by_precision", {})
+    rows = [(f"train img/s, {name}", _error(res) or fmt(res.get("images_per_s"))) for name, res in runs.items()]
+    if all("images_per_s" in res for res in runs.values()) and len(runs) == 2:
+        rows.append(("train speed bf16 / fp32", fmt(runs["bf16"]["images_per_s"] / runs["fp32"]["images_per_s"], "x")))
+    return rows
 
 
 def sampling_and_data_rows(r, notes):
@@ -466,6 +483,7 @@ def print_table(report):
           f"torch {m['torch']} with {m['threads']} thread{'s' if m['threads'] != 1 else ''}; load average {m['load_start']:.1f} -> {m['load_end']:.1f}")
     print("matmul peak (best large torch.mm): " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
                                                              for k, v in m["peak"].items()))
+    print(f"train.py's precision here: {m['precision']} ({m['precision_why']}); 'this repo' rows below use it")
     print(" " * width + "".join(h.ljust(w) for h, w in zip(heads, widths)))
     for label in labels:
         print(label.ljust(width) + "".join(col.get(label, "-").ljust(w) for col, w in zip(cols, widths)))
@@ -503,6 +521,7 @@ def main(argv=None):
     mode = MODES["quick" if args.quick else "full"]
     device = select_device(args.device, 0, True)  # as train.py's default --amp
     report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
+    report["machine"]["precision"], report["machine"]["precision_why"] = precision(device, True)
     peak, precision = peaks(device, mode["peak"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data = data_folder(args, mode["data_limit"], tmp)

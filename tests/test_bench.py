@@ -23,9 +23,9 @@ def test_training_and_data_measurements_run(tiny_cfg, image_dir, tmp_path):
     pipeline still work with the rest of the repo, and report what they measured: one positive time per
     timed step, the images the cache holds, a positive loader rate per worker count."""
     spec = dict(preset="tiny", batch=2, device="cpu", compile=False, threads=1, warmup=1, steps=2, budget=0.0,
-                naive=False, peak_seconds=0)
-    for naive in (False, True):
-        result = bench.child_train({**spec, "naive": naive})
+                naive=False, peak_seconds=0, precision="fp32")
+    for naive, precision in ((False, "fp32"), (False, "bf16"), (True, "fp32")):
+        result = bench.child_train({**spec, "naive": naive, "precision": precision})
         assert len(result["step_times"]) == 2 and min(result["step_times"]) > 0 and result["peak_bytes"] > 0
     loader = bench.child_train({**spec, "workers": 0, "data_dir": image_dir, "cache_dir": str(tmp_path / "cache")})
     assert len(loader["step_times"]) == 2
@@ -73,6 +73,7 @@ def test_reported_figures_are_consistent():
     assert r["data_vs_model"] == pytest.approx({"0": 2.0})
     rows = dict(bench.table_rows(r, set()))
     assert rows["train img/s, this repo"] == "40.0" and rows["train img/s, naive"] == "20.0"
+
     assert rows["speed-up over naive"] == "2.00x" and rows["achieved GFLOP/s (MFU)"] == "40.0 (4.00%)"
     assert rows["data img/s, 0 workers (x model)"] == "80.0 (x2.00)"
 
@@ -96,3 +97,12 @@ def test_sampling_figures_are_consistent(tiny_cfg, monkeypatch):
         res = out[key]
         assert res["evals_per_s"] == pytest.approx(10 * 64) and res["grid_seconds"] == pytest.approx(20 * 64 / 64 / 10)
         assert (res["batch"], res["timed_steps"], res["steps"], res["measured"]) == (10, 3, 20, False)
+
+
+def test_a_row_per_precision_and_their_ratio():
+    """Each precision's images/s from its own median step time, and bf16 over fp32."""
+    r = dict(batch=8, by_precision=dict(fp32=dict(step_times=[0.4, 0.2, 0.2]), bf16=dict(step_times=[0.1, 0.1, 0.3])),
+             fast=dict(), naive=dict())
+    bench.summarize(r, 1e12)
+    rows = dict(bench.precision_rows(r))
+    assert rows == {"train img/s, fp32": "40.0", "train img/s, bf16": "80.0", "train speed bf16 / fp32": "2.00x"}

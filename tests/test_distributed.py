@@ -1,8 +1,11 @@
-"""distributed.py: device choice (the process-group helpers run in test_ddp.py)."""
+"""distributed.py: device and precision choice (the process-group helpers run in test_ddp.py)."""
+import math
+
 import pytest
 import torch
 
 import distributed
+from conftest import make_pandas, run_train
 
 
 def test_bad_device_is_a_clear_error(monkeypatch):
@@ -13,3 +16,55 @@ def test_bad_device_is_a_clear_error(monkeypatch):
     with pytest.raises(SystemExit, match="CUDA is not available"):
         distributed.select_device("cuda:1", 0, True)
     assert distributed.select_device("auto", 0, True) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("speedup, expected", [(3.0, "bf16"), (1.3, "fp32"), (0.4, "fp32")])
+def test_cpu_precision_follows_the_bf16_probe(monkeypatch, speedup, expected):
+    """bf16 autocast on a CPU only where its bf16 matmuls are clearly faster (AVX512-BF16/AMX: 3-4x; AVX2: ~0.4x)."""
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+    choice, why = distributed.precision(torch.device("cpu"), True)
+    assert choice == expected and f"{speedup:.1f}x" in why
+    assert distributed.precision(torch.device("cpu"), False) == ("fp32", "--no-amp")  # --no-amp always wins
+
+
+def test_cuda_trains_in_bf16_unless_no_amp(monkeypatch):
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: pytest.fail("no CPU probe for a GPU"))
+    assert distributed.precision(torch.device("cuda", 0), True)[0] == "bf16"
+    assert distributed.precision(torch.device("cuda", 0), False)[0] == "fp32"
+
+
+def test_bf16_probe_times_both_precisions():
+    """A positive ratio of two real timings (its value depends on the CPU, so only its sanity is checked)."""
+    distributed.cpu_bf16_speedup.cache_clear()
+    speedup = distributed.cpu_bf16_speedup(n=64, repeats=2)
+    assert math.isfinite(speedup) and speedup > 0
+
+
+def test_autocast_for_runs_matmuls_in_the_chosen_precision():
+    x = torch.randn(4, 4)
+    with distributed.autocast_for(torch.device("cpu"), "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with distributed.autocast_for(torch.device("cpu"), "fp32"):
+        assert (x @ x).dtype == torch.float32
+
+
+def test_resume_across_precisions_switches_and_keeps_fp32_state(tmp_path, monkeypatch, capsys):
+    """A run trained under bf16 resumes on a CPU without bf16 units in fp32 (and back): weights, EMA and
+    optimizer state stay fp32 in every checkpoint; the start line names the precision; bf16 changes the numbers."""
+    data = make_pandas(tmp_path / "pandas", 8)
+    flags = ("--batch-size", 4, "--sample-every", 0, "--no-log-graph")
+    losses = {}
+    for name, speedup in (("bf16", 4.0), ("fp32", 0.5)):
+        monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+        run_train(tmp_path / name, data, *flags, "--max-steps", 3)
+        assert f"precision {name}" in capsys.readouterr().out
+        losses[name] = torch.load(tmp_path / name / "checkpoints" / "tiny" / "latest.pt", weights_only=True)["model"]
+    assert any(not torch.equal(losses["bf16"][k], losses["fp32"][k]) for k in losses["fp32"])  # autocast was on
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 0.5)
+    run_train(tmp_path / "bf16", data, *flags, "--max-steps", 6)  # the bf16 run, resumed in fp32
+    assert "precision fp32" in capsys.readouterr().out
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "tiny" / "latest.pt", weights_only=True)
+    assert state["step"] == 6
+    tensors = [*state["model"].values(), *state["ema"].values(),
+               *(v for s in state["optimizer"]["state"].values() for v in s.values() if v.dim() > 0)]
+    assert tensors and all(t.dtype == torch.float32 for t in tensors)
