@@ -166,7 +166,7 @@ def remove_stale_temps(folder):
 
 
 def save_checkpoint(state, folder, keep_last=3, milestone_every=0):
-    """Write step_<step>.pt, point latest.pt at it, prune old ones. Returns the path."""
+    """Write step_<step>.pt, copy it to latest.pt, prune old ones. Returns the path."""
     os.makedirs(folder, exist_ok=True)
     remove_stale_temps(folder)
     path = os.path.join(folder, f"step_{state['step']:07d}.pt")

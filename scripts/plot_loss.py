@@ -1,6 +1,6 @@
 """Draw a run's training-loss curve as a PNG, from its TensorBoard events, with PIL only.
 
-    python scripts/plot_loss.py dit_training/<run> [--out assets/training_loss.png] [--log-y] [--swd]
+    python scripts/plot_loss.py dit_training/<run> [--out loss.png] [--log-y] [--swd]
 
 Blue: `Loss/batch` (every --log-every steps); orange with dots: `Loss/epoch` (mean per epoch). Every
 event file in the folder is read (a resumed run writes one per start), nothing is subsampled.
@@ -19,13 +19,15 @@ LOSSES = (("Loss/batch", "loss per batch", BLUE, False), ("Loss/epoch", "average
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run folder holding event files, e.g. dit_training/<run>")
-    p.add_argument("--out", default="assets/training_loss.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--out", default=None, help="PNG to write (default: loss.png in the run folder)")
     p.add_argument("--width", type=int, default=900, help="image width in pixels (default: %(default)s)")
     p.add_argument("--height", type=int, default=500, help="image height in pixels (default: %(default)s)")
     p.add_argument("--title", default=None, help="chart title (default: 'Training loss: <run>')")
     p.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     p.add_argument("--swd", action="store_true", help="also plot Quality/swd vs step to <out stem>_swd.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join(args.run_dir, "loss.png")  # beside the run's events, never over a tracked file
+    return args
 
 
 def load_scalars(run_dir):

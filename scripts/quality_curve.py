@@ -1,11 +1,11 @@
 """What an hour buys: train in wall-clock increments and measure SWD after each.
 
     python scripts/quality_curve.py --minutes 5 10 20 40 -- \\
-        --preset panda64 --data-dir ../shared/data/pandas --holdout 100 --run curve64
+        --preset panda64 --data-dir PHOTOS --holdout 100 --run curve64
 
-Everything after `--` goes to train.py. Training runs in increments of `--max-minutes` (each
+PHOTOS is a folder of panda photos. Everything after `--` goes to train.py. Training runs in increments of `--max-minutes` (each
 resumes exactly where the last stopped, so the run equals one uninterrupted run); after each,
-`--n` images are sampled from the EMA weights (DDIM, fixed noise) and compared with the held-out
+`--n` images are sampled from the EMA weights (the run's sampler, fixed noise) and compared with the held-out
 photos by SWD at 64 px (metrics.py); the first 64 are saved as <run folder>/swd_step_<step>.png.
 With --noise-sets K, K sets of `--n` images, each from other starting noise, are scored and averaged
 (the first set is the one a single measurement uses). Prints a table and appends JSON lines to --json.
