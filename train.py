@@ -269,12 +269,13 @@ def evaluate(run, progress):
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return
     levels = dict(zip(result["resolutions"], result["levels"]))
-    run.log.scalars(step, **{"Quality/swd": result["mean"]}, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
+    counts = {"Quality/swd_n_samples": result["n_fake"], "Quality/swd_n_reference": n_ref}  # SWD depends on both
+    run.log.scalars(step, **{"Quality/swd": result["mean"]}, **counts, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
     nrow = int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))
     run.log.images("Quality/samples", make_grid(enlarge((fake[:cfg.sample_n] + 1) / 2), nrow=nrow), step)
     best = progress.best_swd or math.inf  # 0 (none yet, or an older checkpoint): no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
-        + f") vs {n_ref} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
+        + f"), {result['n_fake']} samples vs {n_ref} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
         progress.best_swd = result["mean"]
         save_best(run, progress)

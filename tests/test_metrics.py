@@ -127,17 +127,20 @@ def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
                                         "--fid", "--inception-weights", "--memorisation", "--holdout"))
 
 
-def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path):
+def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     data = make_pandas(tmp_path / "pandas", 12, size=32)
     flags = ["--eval-every", 2, "--eval-n", 4, "--eval-steps", 2, "--holdout", 4, "--no-log-graph", "--run", "q"]
     run_train(tmp_path, data, "--max-steps", 4, *flags)
     run_train(tmp_path, data, "--max-steps", 6, *flags)  # resumed: best_swd must survive
+    assert "4 samples vs 4 reference images" in capsys.readouterr().out
     events = EventAccumulator(str(tmp_path / "dit_training" / "q"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     swds = {e.step: e.value for e in events.Scalars("Quality/swd")}
     assert sorted(swds) == [2, 4, 6] and all(math.isfinite(v) and v > 0 for v in swds.values())
     assert {"Quality/swd_level_64", "Quality/swd_level_32", "Quality/swd_level_16"} <= set(events.Tags()["scalars"])
+    counts = [(e.value, r.value) for e, r in zip(events.Scalars("Quality/swd_n_samples"), events.Scalars("Quality/swd_n_reference"))]
+    assert counts == [(4.0, 4.0)] * 3  # both image counts beside every figure: 4 samples vs the 4 held-out images
     assert "Quality/samples" in events.Tags()["images"]
     assert events.Images("Quality/samples")[0].width == 2 * 130 + 2  # 4 samples of 16 px, enlarged to 128 px
     best = torch.load(tmp_path / "checkpoints" / "q" / "best.pt", weights_only=True)
