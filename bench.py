@@ -1,6 +1,6 @@
 """How fast is it, and how far from the hardware? Training, sampling and data loading, measured.
 
-    python bench.py                         # full bench: minutes on a CPU (docs/experiments.md)
+    python bench.py                         # full bench: minutes on a CPU (docs/results.md, "Speed")
     python bench.py --quick                 # sub-minute check (small batches, extrapolated sampling)
     python bench.py --presets panda64 --json bench.json
     python bench.py --device cuda --compile
@@ -9,7 +9,8 @@ For each architecture (seed and panda256 share one, measured once) it reports tr
 and peak memory of this repo's model against a NAIVE formulation of the same network (explicit
 softmax(QK^T/sqrt(d))V with the full T x T matrix, separate q/k/v and modulation layers, as the
 reference implementation did; same parameters, same FLOPs, same weights), the FLOPs per
-training image and MFU against the fp32 matmul peak measured in the same run, sampling speed,
+training image and MFU against the matmul peak (of the precision train.py picks here: bf16 on CUDA and on
+CPUs with fast bf16, else fp32) measured in the same run, training speed in fp32 and bf16, sampling speed,
 and the data pipeline against the rate the model consumes images. Every training
 configuration runs in a fresh subprocess so its peak memory is its own.
 """
@@ -209,7 +210,7 @@ def training_batches(spec, cfg, device):
 
 
 def loader_batches(spec, cfg, device):
-    """What train.run_loop feeds the step: cached uint8 batches -> device -> [-1, 1], epoch after epoch."""
+    """What train.py's loop feeds the step: cached uint8 batches -> device -> [-1, 1], epoch after epoch."""
     data = ImageCache(spec["data_dir"], cfg.image_size, spec["cache_dir"])
     batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip)
     loader = make_loader(data, batches, spec["workers"], pin_memory=device.type == "cuda")
@@ -522,17 +523,17 @@ def main(argv=None):
     device = select_device(args.device, 0, True)  # as train.py's default --amp
     report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
     report["machine"]["precision"], report["machine"]["precision_why"] = precision(device, True)
-    peak, precision = peaks(device, mode["peak"])
+    peak, mfu_precision = peaks(device, mode["peak"])
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         data = data_folder(args, mode["data_limit"], tmp)
         for names, batch in groups:
             report["archs"].append(bench_arch(names, batch, args, mode, device, data, tmp))
     for r in report["archs"]:  # the best peak seen anywhere in the run: MFU is never flattered by a slow moment
         peak = {k: max(v, r["fast"].get("peak", {}).get(k, 0)) for k, v in peak.items()}
-    report["machine"].update(peak=peak, load_end=os.getloadavg()[0], mfu_precision=precision)
+    report["machine"].update(peak=peak, load_end=os.getloadavg()[0], mfu_precision=mfu_precision)
     for r in report["archs"]:
-        summarize(r, peak[precision])
-    report["notes"].append(f"MFU = achieved / {precision} peak. Steady state: median step after warm-up; "
+        summarize(r, peak[mfu_precision])
+    report["notes"].append(f"MFU = achieved / {mfu_precision} peak. Steady state: median step after warm-up; "
                            f"full step = forward + loss + backward + clip + Adam. Data: {data[1]}.")
     report["notes"] += noise_warnings(report)
     print_table(report)

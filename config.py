@@ -40,7 +40,7 @@ class Config:
     num_heads: int = knob(6, "attention heads per block")
     head_dim: int = knob(64, "width of each head (may exceed emb_dim / num_heads)")
     mlp_ratio: float = knob(4.0, "MLP hidden width = mlp_ratio * emb_dim")
-    mlp_act: str = knob("gelu", "MLP activation: gelu (as in DiT, in its exact form) or relu (cheaper on a CPU: ~5%% less time per step of the CPU presets)")
+    mlp_act: str = knob("gelu", "MLP activation: gelu (as in DiT, in its exact form) or relu (cheaper on a CPU)")
     freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
     num_labels: int = knob(1, "number of labels: one per sub-folder of the data (a different value is refused)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
@@ -86,7 +86,7 @@ class Config:
     num_generated: int = knob(600, "procedural pandas written when the default data folder is empty")
     # --- logging, sampling, checkpoints ---
     log_every: int = knob(10, "steps between scalar logs")
-    hist_every: int = knob(200, "steps between noise-prediction histograms")
+    hist_every: int = knob(200, "steps between histograms of the model's output and its training target")
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim or ddpm for diffusion, "
@@ -96,7 +96,7 @@ class Config:
     eval_n: int = knob(256, "images generated for each SWD evaluation")
     eval_steps: int = knob(50, "sampler steps for the SWD evaluation samples")
     holdout: int = knob(0, "last N images (sorted) not trained on, the SWD reference (0 = eval_n training images)")
-    ckpt_every: int = knob(500, "steps between checkpoints (latest.pt)")
+    ckpt_every: int = knob(500, "steps between checkpoints (step_XXXXXXX.pt, copied to latest.pt)")
     keep_last: int = knob(3, "periodic checkpoints to keep besides milestones")
     milestone_every: int = knob(5000, "steps between checkpoints that are never deleted (0 = none)")
     log_graph: bool = knob(True, "write the model graph to TensorBoard once")
@@ -218,7 +218,7 @@ def check_config(cfg):
         problems.append("lr and mlp_ratio must be > 0")
     if not 0.0 <= cfg.ema_decay < 1.0:
         problems.append("ema_decay must be in [0, 1) (0 = EMA off)")
-    if cfg.max_t >= 1 and cfg.noise_schedule == "linear" and terminal_alpha_bar(cfg) > 0.05:
+    if cfg.objective == "diffusion" and cfg.max_t >= 1 and cfg.noise_schedule == "linear" and terminal_alpha_bar(cfg) > 0.05:
         problems.append(f"max_t={cfg.max_t} with betas {cfg.beta_start}..{cfg.beta_end} leaves {terminal_alpha_bar(cfg):.2f} "
                         "of the image at the last step, so sampling from pure noise is wrong; raise max_t or beta_end")
     if not cfg.dist_timeout > 0:
@@ -245,6 +245,8 @@ def route_problems(cfg):
     if cfg.route_ratio > 0 and round(tokens * (1 - cfg.route_ratio)) < 1:
         return [f"route_ratio {cfg.route_ratio} routes all {tokens} tokens past the middle blocks; lower --route-ratio"]
     return []
+
+
 def objective_problems(cfg):
     """What --objective flow cannot combine with, and samplers of the other objective."""
     problems = []

@@ -146,6 +146,16 @@ def holdout_split(files, n_holdout):
     return [f for f in files if key(f) not in held], [f for f in sorted(files, key=key) if key(f) in held]
 
 
+# A 16-48 px image is a smudge in an image viewer or TensorBoard: grids show each one at least this big.
+GRID_MIN_PIXELS = 128
+
+
+def enlarge(images, min_pixels=GRID_MIN_PIXELS):
+    """Images (N, C, h, w) repeated nearest-neighbour by a whole factor until each side is >= min_pixels."""
+    k = math.ceil(min_pixels / min(images.shape[-2:]))
+    return images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) if k > 1 else images
+
+
 def cache_key(files, size):
     h = hashlib.sha1(f"v1 {size}".encode())
     for path, label in files:

@@ -27,6 +27,7 @@ def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
 
 class Diffusion:
     """Schedule terms, q(x_t | x_0), the training loss (noise, v or x_0 prediction) and the reverse samplers."""
+    sampler = "ddim"  # the default of sample_batches; make_diffusion sets the config's
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
                  prediction="eps", schedule="linear", hybrid_t=850):
@@ -206,15 +207,17 @@ class Diffusion:
                 callback(i, t_now, x, x_start)
         return x.clamp(-1, 1)
 
-    def sample_batches(self, model, noise, y, batch_size, device, sampler="ddim", steps=50, seed=None,
-                       callback=None, **kwargs):
+    def sample_batches(self, model, noise, y, batch_size, device, sampler=None, steps=50, seed=None,
+                       callback=None, start=0, **kwargs):
         """`sample` over CPU noise (N, C, H, W) and labels (N,), batch_size images at a time on `device`;
         returns the N images on the CPU as float32. With a seed, each batch's stochastic steps (eta > 0)
-        draw from their own generator, seeded by (seed, the batch's first index); callback sees the
-        first batch only. Other keyword arguments go to `sample`."""
+        draw from their own generator, seeded by (seed, the batch's first index counted from `start`, where
+        these images begin in a larger set shared across ranks); sampler None: the objective's own (self.sampler);
+        callback sees the first batch only. Other keyword arguments go to `sample`."""
+        sampler = sampler or self.sampler
         out = []
         for lo in range(0, noise.shape[0], batch_size):
-            generator = None if seed is None else torch.Generator(device).manual_seed(seed * 7919 + lo)
+            generator = None if seed is None else torch.Generator(device).manual_seed(seed * 7919 + start + lo)
             out.append(self.sample(model, noise[lo:lo + batch_size].to(device), y[lo:lo + batch_size].to(device),
                                    sampler, steps, generator=generator, callback=callback if lo == 0 else None,
                                    **kwargs).float().cpu())
@@ -230,6 +233,7 @@ class Flow:
     call a step, so --sample-steps and --eval-steps cost what DDIM's do, and on a small flow model it came closer to
     the exact ODE solution than Heun at equal model calls (Heun's last step, to t = 0, is an Euler step over twice
     Euler's interval)."""
+    sampler = "euler"
 
     x0_min_t = 0.05  # an x_0 output becomes the velocity (x_t - x_0) / t: below this t the division would blow up its error
 

@@ -1,4 +1,4 @@
-"""Device choice, process groups and rank-aware helpers: each is a no-op in a single process.
+"""Device and precision choice, process groups, and rank-aware helpers (no-ops in a single process).
 
 DDP is detected from the environment (`RANK` set by torchrun), so the same `python train.py`
 runs on one CPU. `Stopper` turns SIGINT/SIGTERM into a request the loop honours at a step's end.
@@ -59,7 +59,7 @@ def select_device(name, local_rank, amp):
         if device.index >= torch.cuda.device_count():
             raise SystemExit(f"error: --device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = amp  # TF32 matmuls: ~free speed, no visible loss; --no-amp = true fp32
+        torch.backends.cuda.matmul.allow_tf32 = amp  # TF32 matmuls: faster, no visible loss; --no-amp = true fp32
         torch.backends.cudnn.allow_tf32 = amp
     return device
 
@@ -70,12 +70,13 @@ def precision(device, amp):
     if not amp:
         return "fp32", "--no-amp"
     if device.type == "cuda":
-        return "bf16", "CUDA"
+        return ("bf16", "CUDA") if torch.cuda.is_bf16_supported() else ("fp32", "this GPU has no bf16")
     if device.type != "cpu":
         return "fp32", f"no bf16 autocast on {device.type}"
     speedup = cpu_bf16_speedup()
-    choice = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "fp32"
-    return choice, f"bf16 matmuls {speedup:.1f}x as fast as fp32 on this CPU"
+    if speedup >= CPU_BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 matmuls {speedup:.1f}x as fast as fp32 on this CPU"
+    return "fp32", f"bf16 matmuls only {speedup:.1f}x as fast as fp32 on this CPU (bf16 needs {CPU_BF16_MIN_SPEEDUP:g}x)"
 
 
 # A training step gains far less than its matmuls (casts and element-wise work stay), so only a clear win counts.
@@ -84,7 +85,7 @@ CPU_BF16_MIN_SPEEDUP = 2.0
 
 @functools.cache
 def cpu_bf16_speedup(n=1024, repeats=4):
-    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats`, ~0.1 s in all)."""
+    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats` after a warm-up pass)."""
     best = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # twice: the first pass warms up
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

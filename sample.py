@@ -19,6 +19,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from checkpoint import CheckpointError, check_writable, load_checkpoint, load_latest, step_files
+from dataset import enlarge
 from config import SAMPLERS, config_from_dict, resolve_sampler
 from diffusion import make_diffusion
 from dit import DiT
@@ -46,16 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
     p.add_argument("--out", default="", help="output folder (default: samples/<run>/<step>)")
     return p.parse_args(argv)
-
-
-# A 16-48 px image is a smudge in an image viewer or TensorBoard: grids show each one at least this big.
-GRID_MIN_PIXELS = 128
-
-
-def enlarge(images, min_pixels=GRID_MIN_PIXELS):
-    """Images (N, C, h, w) repeated nearest-neighbour by a whole factor until each side is >= min_pixels."""
-    k = math.ceil(min_pixels / min(images.shape[-2:]))
-    return images.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1) if k > 1 else images
 
 
 def newest_run(ckpt_dir):

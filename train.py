@@ -24,13 +24,12 @@ import metrics
 from checkpoint import (CheckpointError, Progress, atomic_save, check_writable, load_latest, make_state, remove_empty,
                         restore, save_checkpoint)
 from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args
-from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, folder_files, generate_pandas,
+from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, enlarge, folder_files, generate_pandas,
                      holdout_split, make_loader)
 from diffusion import make_diffusion
 from distributed import (Stopper, autocast_for, barrier, distributed, gather, precision, rank_max, reseed_rank, say,
                          select_device, setup_distributed, share)
 from optim import build_training, ema_decay_at, ema_update, lr_at, train_step
-from sample import enlarge
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +123,11 @@ def setup_run(cfg, data, held_out, state, device, rank, world_size):
     batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip, rank, world_size)
     loader = make_loader(data, batches, cfg.num_workers, pin_memory=device.type == "cuda")
     dtype, why = precision(device, cfg.amp)
+    if rank_max([dtype != "bf16"], device)[0]:  # one rank's CPU without bf16 units: every rank trains in fp32
+        dtype, why = "fp32", why if dtype == "fp32" else "another process's CPU has no fast bf16"
     log = Logger(cfg, progress.step, enabled=rank == 0)
-    log.scalars(progress.step, **{"Train/global_batch": batches.global_batch, "Train/world_size": world_size})
+    log.scalars(progress.step, **{"Train/global_batch": batches.global_batch, "Train/world_size": world_size,
+                                  "Train/bf16": float(dtype == "bf16")})
     run = Run(cfg, data, held_out, model, ema, optimizer, train_model, make_diffusion(cfg, device), batches, loader, log,
               autocast_for(device, dtype), device, rank)
     say(f"preset {cfg.preset}, run '{cfg.run}': {len(data)} images, {len(data.classes)} label(s), "
@@ -195,7 +197,7 @@ def shared_samples(run, noise, y, steps, seed):
     mine = noise[part]
     if len(mine):
         mine = run.diffusion.sample_batches(model, mine, y[part], run.cfg.batch_size, run.device, run.diffusion.sampler,
-                                            min(steps, run.cfg.max_t), seed=seed)
+                                            min(steps, run.cfg.max_t), seed=seed, start=part.start)
     model.train(was_training)
     return gather(mine.float(), len(noise), run.device)
 

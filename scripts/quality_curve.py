@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from config import build_config, parse_train_args  # noqa: E402
-from dataset import DEFAULT_DATA_DIR, find_images, folder_files, holdout_split  # noqa: E402
+from dataset import DEFAULT_DATA_DIR, enlarge, find_images, folder_files, holdout_split  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
 from distributed import pick_device  # noqa: E402
-from sample import enlarge, load_model  # noqa: E402
+from sample import load_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--at-steps", type=int, nargs="+", default=None,
                    help="measure at these cumulative steps instead of minutes (immune to a busy machine)")
     p.add_argument("--n", type=int, default=256, help="images sampled per measurement (default: 256)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for the samples (default: 50)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps for the samples (the run's --sampler; default: 50)")
     p.add_argument("--noise-sets", type=int, default=1,
                    help="score this many sets of --n samples, each from other starting noise, and report their mean: "
                         "one set of 256 moves by ~1.5 with the noise alone (default: 1)")

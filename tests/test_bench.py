@@ -106,3 +106,13 @@ def test_a_row_per_precision_and_their_ratio():
     bench.summarize(r, 1e12)
     rows = dict(bench.precision_rows(r))
     assert rows == {"train img/s, fp32": "40.0", "train img/s, bf16": "80.0", "train speed bf16 / fp32": "2.00x"}
+
+
+def test_main_prints_a_row_per_precision(monkeypatch, capsys, tmp_path):
+    """The whole command, cut to the bone: the table names the precision train.py picks and has both rows."""
+    monkeypatch.setitem(bench.MODES, "quick", dict(warmup=1, steps=1, budget=0.0, sample_budget=0.0, peak=0.05,
+                                                   data_seconds=0.05, data_limit=4))
+    bench.main(["--quick", "--presets", "tiny", "--no-naive", "--workers", "0", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert "train.py's precision here:" in out and "train img/s, fp32" in out and "train img/s, bf16" in out
+    assert "train speed bf16 / fp32" in out

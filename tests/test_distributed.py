@@ -27,10 +27,13 @@ def test_cpu_precision_follows_the_bf16_probe(monkeypatch, speedup, expected):
     assert distributed.precision(torch.device("cpu"), False) == ("fp32", "--no-amp")  # --no-amp always wins
 
 
-def test_cuda_trains_in_bf16_unless_no_amp(monkeypatch):
+def test_cuda_trains_in_bf16_unless_no_amp_or_no_bf16(monkeypatch):
     monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: pytest.fail("no CPU probe for a GPU"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert distributed.precision(torch.device("cuda", 0), True)[0] == "bf16"
     assert distributed.precision(torch.device("cuda", 0), False)[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # e.g. a pre-Ampere GPU
+    assert distributed.precision(torch.device("cuda", 0), True)[0] == "fp32"
 
 
 def test_bf16_probe_times_both_precisions():

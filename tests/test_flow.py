@@ -14,7 +14,7 @@ from config import build_config, config_from_dict
 from conftest import make_pandas, run_train
 from diffusion import Diffusion, Flow, make_diffusion
 from dit import DiT
-from sample import enlarge
+from dataset import enlarge
 
 T = 1000
 
