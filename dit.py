@@ -46,7 +46,9 @@ class LabelEmbedder(nn.Module):
         return self.table(y)
 
 
-SHORT = 128  # sequences up to this many tokens take the plain-matmul attention on a CPU (Attention.forward)
+# Sequences up to this many tokens take the plain-matmul attention on a CPU (Attention.forward): in fp32,
+# and longer ones in bf16, where SDPA's CPU kernel (its backward above all) is the slower (docs/experiments.md).
+SHORT = {torch.float32: 128, torch.bfloat16: 576}
 
 
 class Attention(nn.Module):
@@ -65,8 +67,8 @@ class Attention(nn.Module):
         # copy, where indexing zero-fills and adds three full-size buffers and reshapes once more
         qkv = self.qkv(x).view(N, T, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, d)
         q, k, v = (a.transpose(1, 2) for a in qkv.unbind(2))  # (N, H, T, d) each
-        if x.device.type == "cpu" and T <= SHORT:
-            # two plain matmuls and a softmax: faster than SDPA's CPU kernel for short sequences (docs/experiments.md)
+        if x.device.type == "cpu" and T <= SHORT.get(q.dtype, 0):
+            # two plain matmuls and a softmax (the T x T scores are small at these lengths)
             x = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v  # (N, H, T, d)
         else:
             x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, d), scale 1/sqrt(d), stored as (N, T, H, d)

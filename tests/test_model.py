@@ -100,7 +100,7 @@ def test_plain_init_is_not_zero():
 def test_attention_matches_explicit_softmax_reference(short, monkeypatch):
     """Attention is softmax(Q K^T / sqrt(head_dim)) V per head (not / sqrt(sequence length)), on both paths:
     SDPA, and the plain matmuls a CPU takes for short sequences."""
-    monkeypatch.setattr(dit, "SHORT", short)
+    monkeypatch.setattr(dit, "SHORT", {torch.float32: short})
     torch.manual_seed(1)
     dim, heads, head_dim, T = 24, 3, 8, 36  # T != head_dim, so the two scalings differ
     attn = Attention(dim, heads, head_dim)
@@ -117,6 +117,21 @@ def test_attention_matches_explicit_softmax_reference(short, monkeypatch):
     out = attn(x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert (out - wrong).abs().max() > 1e-3  # the test can tell the reference's bug apart
+
+
+@pytest.mark.parametrize("tokens, path", [(256, "plain"), (1024, "sdpa")])
+def test_bf16_attention_takes_plain_matmuls_up_to_576_tokens(tokens, path, monkeypatch):
+    """Under CPU bf16 autocast a 256-token sequence (panda48) takes the plain matmuls, a 1024-token one SDPA; both
+    agree with the fp32 attention to bf16 precision."""
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(dit.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    torch.manual_seed(2)
+    attn, x = Attention(32, 2, 16), torch.randn(1, tokens, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert bool(calls) == (path == "sdpa")
+    torch.testing.assert_close(out.float(), attn(x), atol=0.05, rtol=0.05)
 
 
 def test_label_table_has_null_row_only_with_dropout():
