@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 CHOICES = {"noise_schedule": ("linear", "cosine"), "prediction": ("eps", "v", "x0"), "loss": ("l1", "mse", "hybrid"),
            "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"), "mlp_act": ("gelu", "relu"),
            "objective": ("diffusion", "flow"), "sampler": ("auto", "ddim", "ddpm", "euler", "heun")}
-# The samplers of each objective; "auto" is the first (diffusion.Flow's docstring says why euler for flow).
-SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("euler", "heun")}
+# The samplers of each objective; "auto" is the first (diffusion.Flow's docstring says why heun for flow).
+SAMPLERS = {"diffusion": ("ddim", "ddpm"), "flow": ("heun", "euler")}
 
 
 def knob(default, help):
@@ -90,7 +90,7 @@ class Config:
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim or ddpm for diffusion, "
-                                "euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, euler for flow")
+                                "euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, heun for flow")
     sample_steps: int = knob(50, "sampler steps for the TensorBoard samples")
     eval_every: int = knob(0, "steps between SWD evaluations (Quality/swd, best.pt; 0 = off)")
     eval_n: int = knob(256, "images generated for each SWD evaluation")

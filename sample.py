@@ -3,7 +3,7 @@
     python sample.py                                   # newest checkpoint of the newest run
     python sample.py --ckpt checkpoints/panda64/latest.pt --n 64 --sampler ddim --steps 50
     python sample.py --sampler ddpm                    # the description's 1000-step sampler
-    python sample.py --sampler heun --steps 25         # a flow checkpoint (--objective flow): euler (default) or heun
+    python sample.py --sampler heun --steps 25         # a flow checkpoint (--objective flow): heun (default) or euler
     python sample.py --trajectory                      # one image's denoising, 16 frames
 
 Writes samples/<run>/<step>/grid.png (enlarged to at least 128 px per image) plus one PNG per image at
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default="",
                    help="diffusion checkpoints: ddpm (ancestral) or ddim (deterministic with eta=0); flow checkpoints (--objective flow): "
-                        "euler or heun (ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, or euler for flow)")
+                        "euler or heun (ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, or heun for flow)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = max_t for ddpm, else 50 (default: 0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral; "
                                                           "euler and heun take only 0 (default: 0)")

@@ -142,10 +142,10 @@ def config(**overrides):
 
 
 def test_config_picks_flow_defaults_and_refuses_what_does_not_apply():
-    """Flow predicts the velocity unless told x0 (cartoon48's), samples with euler by default; eps, a diffusion
+    """Flow predicts the velocity unless told x0 (cartoon48's), samples with heun by default; eps, a diffusion
     sampler and Min-SNR are refused in one sentence each; old checkpoints read as diffusion."""
     cfg = config(objective="flow")
-    assert (cfg.prediction, make_diffusion(cfg).sampler, type(make_diffusion(cfg))) == ("v", "euler", Flow)
+    assert (cfg.prediction, make_diffusion(cfg).sampler, type(make_diffusion(cfg))) == ("v", "heun", Flow)
     assert build_config({"preset": "cartoon48", "objective": "flow"}).prediction == "x0"
     assert make_diffusion(config(objective="flow", sampler="heun")).sampler == "heun"
     refusals = {"prediction": ("eps", "--prediction eps does not apply to --objective flow"),
@@ -226,7 +226,7 @@ def test_sample_py_draws_a_flow_checkpoint(flow_run, tmp_path, capsys, sampler):
 def test_sample_py_refuses_a_diffusion_sampler_on_flow(flow_run, tmp_path):
     ckpt = str(flow_run / "work/checkpoints/tiny/latest.pt")
     for argv, message in ((["--sampler", "ddim"], "error: --sampler ddim does not sample a flow checkpoint; use euler or heun"),
-                          (["--eta", "0.5"], "error: --eta is for ddim; euler is deterministic, drop --eta")):
+                          (["--eta", "0.5"], "error: --eta is for ddim; heun is deterministic, drop --eta")):
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path), "--device", "cpu", *argv])
         assert str(e.value) == message
