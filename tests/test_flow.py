@@ -225,7 +225,7 @@ def test_sample_py_draws_a_flow_checkpoint(flow_run, tmp_path, capsys, sampler):
 
 def test_sample_py_refuses_a_diffusion_sampler_on_flow(flow_run, tmp_path):
     ckpt = str(flow_run / "work/checkpoints/tiny/latest.pt")
-    for argv, message in ((["--sampler", "ddim"], "error: --sampler ddim does not sample a flow checkpoint; use euler or heun"),
+    for argv, message in ((["--sampler", "ddim"], "error: --sampler ddim does not sample a flow checkpoint; use heun or euler"),
                           (["--eta", "0.5"], "error: --eta is for ddim; heun is deterministic, drop --eta")):
         with pytest.raises(SystemExit) as e:
             sample.main(["--ckpt", ckpt, "--out", str(tmp_path), "--device", "cpu", *argv])
