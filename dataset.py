@@ -146,6 +146,11 @@ def holdout_split(files, n_holdout):
     return [f for f in files if key(f) not in held], [f for f in sorted(files, key=key) if key(f) in held]
 
 
+def held_out_files(data_dir, n_holdout):
+    """A run's SWD reference: the last n_holdout files of data_dir (sorted), never trained on; [] for none."""
+    return holdout_split(folder_files(data_dir), n_holdout)[1] if n_holdout else []
+
+
 # A 16-48 px image is a smudge in an image viewer or TensorBoard: grids show each one at least this big.
 GRID_MIN_PIXELS = 128
 

@@ -24,8 +24,8 @@ import metrics
 from checkpoint import (CheckpointError, Progress, atomic_save, check_writable, load_latest, make_state, remove_empty,
                         restore, save_checkpoint)
 from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args
-from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, enlarge, folder_files, generate_pandas,
-                     holdout_split, make_loader)
+from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, enlarge, generate_pandas, held_out_files,
+                     make_loader)
 from diffusion import make_diffusion
 from distributed import (Stopper, autocast_for, barrier, distributed, gather, precision, rank_max, reseed_rank, say,
                          select_device, setup_distributed, share)
@@ -80,7 +80,7 @@ def load_data(cfg, rank):
             "(pass --data-dir to train on your own photos)")
         generate_pandas(data_dir, cfg.num_generated, size=max(256, cfg.image_size), seed=cfg.seed)
     barrier()  # the other ranks list the folder only once it is complete
-    held = holdout_split(folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
+    held = held_out_files(data_dir, cfg.holdout)
     if rank == 0:  # rank 0 builds the cache, the others then read it
         ImageCache(data_dir, cfg.image_size, cfg.cache_dir, exclude=held)
     barrier()

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
 from config import build_config, parse_train_args  # noqa: E402
-from dataset import DEFAULT_DATA_DIR, enlarge, find_images, folder_files, holdout_split  # noqa: E402
+from dataset import DEFAULT_DATA_DIR, enlarge, find_images, held_out_files  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
 from distributed import pick_device  # noqa: E402
 from sample import load_model  # noqa: E402
@@ -69,7 +69,7 @@ def measure(state, n, steps, noise_sets=1):
     diffusion = make_diffusion(cfg, device)
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
-    held_out = holdout_split(folder_files(data_dir), cfg.holdout)[1] if cfg.holdout else []
+    held_out = held_out_files(data_dir, cfg.holdout)
     y = torch.arange(n) % cfg.num_labels
     results = []
     for k in range(noise_sets):
