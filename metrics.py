@@ -202,6 +202,20 @@ def score_samples(fake, held_out, train_files, seed=0, norm="set"):
     return result, result["n_real"]
 
 
+def seams(images, patch):
+    """How much a DiT's patch grid shows: the mean step between neighbouring pixels across patch borders
+    over that within patches, both directions, at the images' own size. ~1 for images that know no grid
+    (the training data), above 1 where patches are drawn apart. SWD hardly sees it (docs/results.md)."""
+    x = images.float()
+    ratios = []
+    for dim in (-1, -2):
+        steps = (x.narrow(dim, 1, x.shape[dim] - 1) - x.narrow(dim, 0, x.shape[dim] - 1)).abs()  # (N, C, H, W-1) or (.., H-1, W)
+        steps = steps.movedim(dim, 0).flatten(1).mean(1)  # mean step between pixel i and i+1
+        border = (torch.arange(1, x.shape[dim]) % patch) == 0
+        ratios.append(steps[border].mean() / steps[~border].mean().clamp_min(1e-8))
+    return float(sum(ratios) / 2)
+
+
 def as_saved_png(images, size=EVAL_SIZE):
     """Samples in [-1, 1] (N, C, h, w) -> [0, 1] at size x size, on the 8-bit steps of a saved PNG:
     the scale _as_float gives uint8 photos, so the two sets can share one normalisation.

@@ -311,3 +311,18 @@ def test_cli_memorisation_names_the_closest_pair(tmp_path, capsys):
     assert "5 samples, 8 training and 4 held-out images" in out and "20.0% of samples under 0.5" in out
     first = out.splitlines()[2].split()
     assert first[0] == "0.000" and first[1].endswith("zz_copy.png") and first[3].endswith("panda_02.png")
+
+
+def test_seams_see_the_patch_grid_and_nothing_else():
+    """metrics.seams: 1 where borders and insides step alike (noise, the procedural pandas ~1.1 at 6 px);
+    exactly 3 when the steps across the 4 px borders are 3x those inside; huge for flat patches; and a grid
+    of another pitch does not count as this one's."""
+    noise = torch.rand(16, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    assert abs(metrics.seams(noise, 6) - 1) < 0.02
+    assert 0.9 < metrics.seams(pandas(64, size=48), 6) < 1.3
+    ramp = torch.tensor([0.0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15])  # steps of 1 inside, 3 across the border
+    image = (ramp[None, :] + ramp[:, None]).expand(2, 3, 12, 12)
+    assert metrics.seams(image, 4) == pytest.approx(3.0)
+    flat = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).repeat_interleave(6, 2).repeat_interleave(6, 3)
+    assert metrics.seams(flat, 6) > 1e3
+    assert abs(metrics.seams(flat, 5) - 1) < 0.5
