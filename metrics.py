@@ -39,6 +39,12 @@ EVAL_SIZE = 64  # training measures SWD at 64 px (samples are resized), so prese
 # The starting noise of the samples every SWD measurement draws (train.py's --eval-every, the first set of
 # scripts/quality_curve.py): one checkpoint gets one figure, and runs are compared on the same noise.
 EVAL_NOISE_SEED = 1234
+
+
+def eval_noise(n, cfg, k=0):
+    """Noise set k of the SWD measurements (k = 0: train.py's) and the seed of its sampler's own draws."""
+    seed = EVAL_NOISE_SEED + k
+    return torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed)), seed
 SHEETS = ("grid.png", "trajectory.png")  # sample.py's composites, not samples: skipped in FAKE_DIR
 
 
@@ -357,6 +363,69 @@ def load_inception(weights=None):
         return None
     return net.to("cuda" if torch.cuda.is_available() else "cpu")
 
+
+# ---------------------------------------------------------------------------------------------
+# the procedural pandas' faces: parts in place, which SWD's texture statistics do not see
+
+def _components(mask):
+    """4-connected components of a bool (H, W) tensor, as lists of (row, column)."""
+    grid = mask.tolist()  # plain lists: element access on a tensor is ~100x slower
+    H, W = len(grid), len(grid[0])
+    seen, found = [[not v for v in row] for row in grid], []
+    for i0 in range(H):
+        for j0 in range(W):
+            if seen[i0][j0]:
+                continue
+            seen[i0][j0] = True
+            stack, part = [(i0, j0)], []
+            while stack:
+                i, j = stack.pop()
+                part.append((i, j))
+                for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)):
+                    if 0 <= a < H and 0 <= b < W and not seen[a][b]:
+                        seen[a][b] = True
+                        stack.append((a, b))
+            found.append(part)
+    return found
+
+
+def cartoon_face(image):
+    """Does one procedural-panda image (3, H, W, uint8) show a face the way dataset.draw_panda draws one: a white
+    head-and-body blob (>= 4% of the image) with two dark eye patches inside it (dark spots of >= 2 pixels
+    that white surrounds) and >= 4 dark parts on its outline (ears, arms, legs)? Every drawn panda at 48 px passes."""
+    x = image.int()
+    low, high = x.min(0).values, x.max(0).values
+    white, dark = (low > 190) & (high - low < 30), high < 90  # off-white fur; black parts (no background is this dark)
+    blobs = _components(white)
+    body = max(blobs, key=len, default=[])
+    if len(body) < 0.04 * white.numel():
+        return False
+    H, W = white.shape
+    inside = torch.zeros_like(white)
+    inside[tuple(torch.tensor(body).T)] = True
+    holes = torch.zeros_like(white)  # what the body surrounds: parts of the rest that do not reach the border
+    for part in _components(~inside):
+        if not any(i in (0, H - 1) or j in (0, W - 1) for i, j in part):
+            holes[tuple(torch.tensor(part).T)] = True
+    eyes = sum(1 for part in _components(dark & holes) if len(part) >= 2)  # dark spots white surrounds
+    near = (F.max_pool2d(inside[None, None].float(), 3, 1, 1)[0, 0].bool() & ~holes).tolist()  # the body's outline, outside it
+    outline = sum(1 for part in _components(dark & ~holes) if any(near[i][j] for i, j in part))
+    return eyes >= 2 and outline >= 4
+
+
+def cartoon_faces(images):
+    """The share of images (N, 3, H, W; uint8, or floats in [-1, 1] as sampled) that pass cartoon_face."""
+    if images.dtype != torch.uint8:
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return sum(cartoon_face(image) for image in images) / len(images)
+
+
+
+def faces_against(fake, reference):
+    """(share of fake with a cartoon face, share of the reference images), or None when under 90% of the
+    reference pass: the data are not the procedural pandas, and the check would say nothing."""
+    real = cartoon_faces(reference)
+    return (cartoon_faces(fake), real) if real >= 0.9 else None
 
 # ---------------------------------------------------------------------------------------------
 # memorisation: is a sample closer to a training image than a new image would be?

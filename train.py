@@ -253,10 +253,9 @@ def periodic(run, progress, out, meter, bar):
 def eval_samples(run):
     """eval_n samples (--sampler) from fixed noise: they depend only on the weights."""
     cfg = run.cfg
-    noise = torch.randn(cfg.eval_n, cfg.in_channels, cfg.image_size, cfg.image_size,
-                        generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED))
+    noise, seed = metrics.eval_noise(cfg.eval_n, cfg)
     y = torch.arange(cfg.eval_n) % len(run.data.classes)
-    return shared_samples(run, noise, y, cfg.eval_steps, seed=metrics.EVAL_NOISE_SEED)
+    return shared_samples(run, noise, y, cfg.eval_steps, seed=seed)
 
 
 def evaluate(run, progress):
@@ -267,17 +266,23 @@ def evaluate(run, progress):
         return
     try:
         result, n_ref = metrics.score_samples(fake, run.held_out, run.data.files)
+        reference = metrics.reference_images(tuple(metrics.reference_paths(run.held_out, run.data.files, len(fake))), cfg.image_size)
+        faces = metrics.faces_against(fake, reference)  # None unless the data are the procedural pandas
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return
     levels = dict(zip(result["resolutions"], result["levels"]))
     counts = {"Quality/swd_n_samples": result["n_fake"], "Quality/swd_n_reference": n_ref}  # SWD depends on both
-    run.log.scalars(step, **{"Quality/swd": result["mean"]}, **counts, **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
+    run.log.scalars(step, **{"Quality/swd": result["mean"], "Quality/seams": metrics.seams(fake, cfg.patch_size)}, **counts,
+                    **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
+    if faces:
+        run.log.scalars(step, **{"Quality/faces": faces[0]})
     nrow = int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))
     run.log.images("Quality/samples", make_grid(enlarge((fake[:cfg.sample_n] + 1) / 2), nrow=nrow), step)
     best = progress.best_swd or math.inf  # 0 (none yet, or an older checkpoint): no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
-        + f"), {result['n_fake']} samples vs {n_ref} reference images, best {min(best, result['mean']):.1f} [{time.time() - t0:.0f}s]")
+        + f"), {result['n_fake']} samples vs {n_ref} reference images, best {min(best, result['mean']):.1f}"
+        + (f"; {faces[0]:.0%} with a panda's face ({faces[1]:.0%} of the data)" if faces else "") + f" [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
         progress.best_swd = result["mean"]
         save_best(run, progress)

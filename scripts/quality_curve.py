@@ -6,7 +6,8 @@
 PHOTOS is a folder of panda photos. Everything after `--` goes to train.py. Training runs in increments of `--max-minutes` (each
 resumes exactly where the last stopped, so the run equals one uninterrupted run); after each,
 `--n` images are sampled from the EMA weights (the run's sampler, fixed noise) and compared with the held-out
-photos by SWD at 64 px (metrics.py); the first 64 are saved as <run folder>/swd_step_<step>.png; metrics.seams says how much the patch grid shows.
+photos by SWD at 64 px (metrics.py); the first 64 are saved as <run folder>/swd_step_<step>.png; metrics.seams says how much the patch grid shows,
+on the procedural pandas metrics.cartoon_faces how many samples have a face.
 With --noise-sets K, K sets of `--n` images, each from other starting noise, are scored and averaged
 (the first set is the one a single measurement uses). Prints a table and appends JSON lines to --json.
 """
@@ -71,20 +72,23 @@ def measure(state, n, steps, noise_sets=1):
     train_files = [f for f, _ in find_images(data_dir)[0]]
     held_out = held_out_files(data_dir, cfg.holdout)
     y = torch.arange(n) % cfg.num_labels
-    results, grid_seams = [], []
+    results, grid_seams, grid_faces = [], [], []
+    reference = metrics.load_images(metrics.reference_paths(held_out, train_files, n), cfg.image_size)
     for k in range(noise_sets):
-        noise = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(metrics.EVAL_NOISE_SEED + k))
-        fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=metrics.EVAL_NOISE_SEED + k)
+        noise, seed = metrics.eval_noise(n, cfg, k)
+        fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=seed)
         results.append(metrics.score_samples(fake, held_out, train_files)[0])
         grid_seams.append(metrics.seams(fake, cfg.patch_size))
+        grid_faces.append(metrics.faces_against(fake, reference))
         if k == 0:
             first = fake  # the grid shows the set a single measurement uses
-    reference = metrics.reference_paths(held_out, train_files, n)
     result = {**results[0], "mean": sum(r["mean"] for r in results) / noise_sets,
-              "seams": sum(grid_seams) / noise_sets, "seams_reference": metrics.seams(metrics.load_images(reference, cfg.image_size), cfg.patch_size),
+              "seams": sum(grid_seams) / noise_sets, "seams_reference": metrics.seams(reference, cfg.patch_size),
               "levels": [sum(level) / noise_sets for level in zip(*(r["levels"] for r in results))]}
     if noise_sets > 1:
         result["sets"] = [r["mean"] for r in results]
+    if grid_faces[0] is not None:  # the procedural pandas: the share with a face (metrics.cartoon_face)
+        result["faces"], result["faces_reference"] = sum(f[0] for f in grid_faces) / noise_sets, grid_faces[0][1]
     return result, first
 
 
@@ -107,6 +111,8 @@ def main(argv=None):
         spread = f"sets {' / '.join(f'{v:.1f}' for v in result['sets'])}, " if "sets" in result else ""
         counts = f"{result['n_fake']} samples vs {result['n_real']} reference"
         seams = f"seams {result['seams']:.2f} (reference {result['seams_reference']:.2f})"
+        if "faces" in result:
+            seams += f", faces {result['faces']:.0%} (reference {result['faces_reference']:.0%})"
         print(f"| {minutes:g} | {state['step']} | {result['mean']:.1f} | {levels} |  ({counts}, {spread}{seams}, eval {time.time() - t0:.0f}s, {grid})",
               flush=True)
         if args.json:

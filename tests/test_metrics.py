@@ -7,9 +7,12 @@ import math
 import os
 import random
 import sys
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -326,3 +329,34 @@ def test_seams_see_the_patch_grid_and_nothing_else():
     flat = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).repeat_interleave(6, 2).repeat_interleave(6, 3)
     assert metrics.seams(flat, 6) > 1e3
     assert abs(metrics.seams(flat, 5) - 1) < 0.5
+
+
+def test_cartoon_faces_pass_every_drawn_panda_and_no_blocks_or_noise():
+    """metrics.cartoon_face finds the parts dataset.draw_panda draws (a white blob, two dark eye patches inside
+    it, ears and limbs on its outline): every drawn panda at 48 px passes, in uint8 or as [-1, 1] samples;
+    the same pandas as 6 px blocks, or drawn without eye patches, or noise, do not; and faces_against says
+    nothing about other data."""
+    real = pandas(40, size=48, seed=3)
+    assert metrics.cartoon_faces(real) == 1.0
+    assert metrics.cartoon_faces(real.float() / 127.5 - 1) == 1.0
+    blocks = F.interpolate(F.interpolate(real.float(), size=8, mode="area"), size=48, mode="nearest").round().to(torch.uint8)
+    assert metrics.cartoon_faces(blocks) == 0.0
+    noise = torch.randint(0, 256, (20, 3, 48, 48), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert metrics.cartoon_faces(noise) == 0.0
+    with mock.patch.object(Image.Image, "paste", lambda *args, **kwargs: None):  # draw_panda pastes the eye patches
+        no_eyes = pandas(20, size=48, seed=3)
+    assert metrics.cartoon_faces(no_eyes) == 0.0
+    assert metrics.faces_against(blocks, real) == (0.0, 1.0) and metrics.faces_against(real, noise) is None
+
+
+def test_training_on_the_cartoons_logs_faces_and_seams(tmp_path, capsys):
+    """--eval-every on the procedural pandas also logs Quality/faces (and, on any data, Quality/seams)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data = make_pandas(tmp_path / "pandas", 8, size=48)
+    run_train(tmp_path, data, "--max-steps", 2, "--image-size", 48, "--patch-size", 12, "--eval-every", 2, "--eval-n", 4,
+              "--eval-steps", 2, "--no-log-graph", "--run", "f")
+    assert "with a panda's face (100% of the data)" in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "dit_training" / "f"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.value for e in events.Scalars("Quality/faces")] == [0.0]  # two steps draw no panda
+    assert events.Scalars("Quality/seams")[0].value > 0
