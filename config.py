@@ -44,8 +44,6 @@ class Config:
     freq_dim: int = knob(256, "sinusoidal timestep-embedding frequencies")
     num_labels: int = knob(1, "number of labels: one per sub-folder of the data (a different value is refused)")
     label_dropout: float = knob(0.0, "probability of training with the null label; > 0 enables classifier-free guidance")
-    final_conv: int = knob(0, "channels per pixel of the final linear map, then a 3x3 conv to the image's channels (U-ViT, Bao et al. 2023): "
-                              "neighbouring patches blend at their seams; 0 = off, each patch straight from its token as in DiT")
     adaln_zero: bool = knob(True, "zero-init the adaLN gates and the output layer so each block starts as identity")
     # --- token routing (TREAD, Krause et al. 2025): training only, no weights of its own ---
     route_ratio: float = knob(0.0, "share of each image's tokens, drawn at random every step, that skip blocks route_start.."
@@ -212,8 +210,6 @@ def check_config(cfg):
             problems.append(f"{name} must be one of {', '.join(allowed)}, not '{getattr(cfg, name)}'")
     if not 0 <= cfg.hybrid_t <= cfg.max_t:
         problems.append(f"hybrid_t must be in [0, max_t={cfg.max_t}], not {cfg.hybrid_t}")
-    if cfg.final_conv < 0:
-        problems.append(f"final_conv must be >= 0 (0 = off), not {cfg.final_conv}")
     if min(cfg.batch_size, cfg.max_t, cfg.depth, cfg.num_heads, cfg.head_dim, cfg.emb_dim) < 1:
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
     if cfg.eval_every < 0 or cfg.holdout < 0 or min(cfg.eval_n, cfg.eval_steps, cfg.sample_steps) < 1:
@@ -286,4 +282,4 @@ def config_from_dict(d):
 # Fields that change the network's shapes or meaning: a checkpoint cannot resume across them.
 ARCH_FIELDS = ("image_size", "patch_size", "in_channels", "emb_dim", "depth", "num_heads", "head_dim",
                "mlp_ratio", "mlp_act", "freq_dim", "num_labels", "label_dropout", "max_t", "beta_start", "beta_end", "prediction",
-               "noise_schedule", "objective", "final_conv")
+               "noise_schedule", "objective")

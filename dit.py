@@ -121,10 +121,9 @@ class DiT(nn.Module):
 
     def __init__(self, image_size=64, patch_size=4, in_channels=3, emb_dim=64, depth=3, num_heads=6,
                  head_dim=64, mlp_ratio=4.0, freq_dim=256, num_labels=1, label_dropout=0.0, adaln_zero=True,
-                 mlp_act="gelu", route_ratio=0.0, route_start=1, route_end=-1, final_conv=0):
+                 mlp_act="gelu", route_ratio=0.0, route_start=1, route_end=-1):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
-        self.out_channels = final_conv or in_channels  # per pixel, out of the final linear map
         self.grid = image_size // patch_size
         # token routing (TREAD): no weights of its own, so a run may resume with it on or off
         self.route_ratio, self.route_start = route_ratio, route_start
@@ -136,17 +135,14 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(emb_dim, freq_dim)
         self.y_embedder = LabelEmbedder(num_labels, emb_dim, label_dropout)
         self.blocks = nn.ModuleList([DiTBlock(emb_dim, num_heads, head_dim, mlp_ratio, mlp_act) for _ in range(depth)])
-        self.final_layer = FinalLayer(emb_dim, patch_size, self.out_channels)
-        # U-ViT's 3x3 conv (Bao et al. 2023): each output pixel also sees its neighbours' features, so two
-        # patches can agree at their seam; without it every patch is drawn by one token alone
-        self.conv = nn.Conv2d(final_conv, in_channels, 3, padding=1) if final_conv else None
+        self.final_layer = FinalLayer(emb_dim, patch_size, in_channels)
         self.initialize_weights(adaln_zero)
 
     @classmethod
     def from_config(cls, cfg):
         return cls(cfg.image_size, cfg.patch_size, cfg.in_channels, cfg.emb_dim, cfg.depth, cfg.num_heads,
                    cfg.head_dim, cfg.mlp_ratio, cfg.freq_dim, cfg.num_labels, cfg.label_dropout, cfg.adaln_zero,
-                   cfg.mlp_act, cfg.route_ratio, cfg.route_start, cfg.route_end, cfg.final_conv)
+                   cfg.mlp_act, cfg.route_ratio, cfg.route_start, cfg.route_end)
 
     @property
     def null_label(self):
@@ -179,8 +175,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        if self.conv is not None:  # its weights keep PyTorch's init: a zero conv too would pass no gradient back
-            nn.init.zeros_(self.conv.bias)
 
     def patchify(self, x):
         """(N, C, H, W) -> (N, T, p*p*C), the inverse of unpatchify."""
@@ -191,14 +185,9 @@ class DiT(nn.Module):
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
-        N, C, p, g = x.shape[0], x.shape[-1] // self.patch_size ** 2, self.patch_size, self.grid
+        N, C, p, g = x.shape[0], self.in_channels, self.patch_size, self.grid
         x = x.reshape(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
         return x.reshape(N, C, g * p, g * p)
-
-    def decode(self, x):
-        """The final layer's tokens (N, T, p*p*C') -> the prediction (N, C, H, W), through the conv if any."""
-        x = self.unpatchify(x)  # (N, C', H, W)
-        return x if self.conv is None else self.conv(x)  # (N, C, H, W)
 
     def forward(self, x, t, y):
         # pos_embed first: the sum then takes its (N, T, D) memory order; `conv + pos_embed` would keep
@@ -211,8 +200,8 @@ class DiT(nn.Module):
         x = self.routed(self.blocks[start:end], x, c)  # (N, T, D)
         for block in self.blocks[end:]:
             x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p*p*C')
-        return self.decode(x)  # (N, C, H, W)
+        x = self.final_layer(x, c)  # (N, T, p*p*C)
+        return self.unpatchify(x)  # (N, C, H, W)
 
     def route_span(self):
         """Blocks [start, end) that routed tokens skip: in training with route_ratio > 0, else none."""

@@ -82,7 +82,7 @@ class NaiveDiT(DiT):
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
-        return self.decode(self.final_layer(x, c))  # (N, C, H, W)
+        return self.unpatchify(self.final_layer(x, c))  # (N, C, H, W)
 
 
 def naive_state_dict(fast_state):

@@ -29,7 +29,6 @@ def perturbed(model):
     dict(image_size=8, patch_size=2, in_channels=1, num_heads=3, head_dim=5, num_labels=3, label_dropout=0.1),
     dict(adaln_zero=False, depth=1, mlp_ratio=2.0, freq_dim=33),
     dict(adaln_zero=False, mlp_act="relu"),
-    dict(final_conv=5),
 ])
 def test_each_prediction_depends_on_its_own_image_step_and_label(kw):
     """eps = DiT(x_t, t, y) has the image's shape (N, C, H, W) for several architectures; image i's prediction
@@ -182,27 +181,3 @@ def test_mlp_act_relu_changes_only_the_activation(tiny_cfg):
     assert not torch.allclose(gelu(x, t, y), relu(x, t, y))
     with pytest.raises(ValueError, match="mlp_act must be one of gelu, relu, got silu"):
         tiny_dit(mlp_act="silu")  # a checkpoint from elsewhere is refused, not built with another activation
-
-
-def test_final_conv_blends_neighbouring_patches_and_starts_at_zero(tiny_cfg):
-    """--final-conv C: the final linear map gives C channels per pixel and a 3x3 conv makes the prediction, so one
-    token's output reaches the first pixels of the next patch (without the conv it stays inside its own patch).
-    adaLN-Zero still starts at a zero prediction, yet the final linear map gets a gradient (a zero conv as well
-    would leave both dead). A run cannot resume across it."""
-    model = DiT.from_config(dataclasses.replace(tiny_cfg, final_conv=6))
-    assert model.final_layer.linear.out_features == 4 * 4 * 6 and model.conv.out_channels == 3
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 70]), torch.zeros(2, dtype=torch.long)
-    out = model(x, t, y)
-    assert torch.equal(out, torch.zeros_like(x))
-    out.sub(1).square().mean().backward()
-    assert model.final_layer.linear.weight.grad.abs().sum() > 0
-    for conv in (6, 0):
-        m = perturbed(DiT.from_config(dataclasses.replace(tiny_cfg, final_conv=conv)))
-        tokens = torch.randn(1, 16, m.final_layer.linear.out_features)
-        moved = tokens.clone()
-        moved[0, 0] += 1.0  # token 0 draws the patch at rows 0:4, columns 0:4
-        diff = (m.decode(moved) - m.decode(tokens)).abs()[0].sum(0)  # (16, 16)
-        assert diff[:4, :4].sum() > 0
-        assert (diff[:4, 4].sum() > 0) == (conv > 0)  # the first column of the next patch
-        assert diff[:, 5:].sum() == 0 and diff[5:].sum() == 0  # a 3x3 conv reaches one pixel further, no more
-    assert "final_conv" in __import__("config").ARCH_FIELDS

@@ -17,10 +17,10 @@ def perturbed_tiny(cfg):
     return model
 
 
-@pytest.mark.parametrize("mlp_act, final_conv", [("gelu", 0), ("relu", 0), ("gelu", 4)])
-def test_naive_model_matches_fast_model_with_same_weights(tiny_cfg, mlp_act, final_conv):
+@pytest.mark.parametrize("mlp_act", ["gelu", "relu"])
+def test_naive_model_matches_fast_model_with_same_weights(tiny_cfg, mlp_act):
     """Same parameter count, same outputs and gradients: the speed-up is a ratio of equal models."""
-    tiny_cfg = dataclasses.replace(tiny_cfg, mlp_act=mlp_act, final_conv=final_conv)
+    tiny_cfg = dataclasses.replace(tiny_cfg, mlp_act=mlp_act)
     fast = perturbed_tiny(tiny_cfg)
     naive = naive_dit.naive_from(tiny_cfg, fast)
     assert sum(p.numel() for p in naive.parameters()) == sum(p.numel() for p in fast.parameters())
