@@ -39,13 +39,13 @@ EVAL_SIZE = 64  # training measures SWD at 64 px (samples are resized), so prese
 # The starting noise of the samples every SWD measurement draws (train.py's --eval-every, the first set of
 # scripts/quality_curve.py): one checkpoint gets one figure, and runs are compared on the same noise.
 EVAL_NOISE_SEED = 1234
+SHEETS = ("grid.png", "trajectory.png")  # sample.py's composites, not samples: skipped in FAKE_DIR
 
 
 def eval_noise(n, cfg, k=0):
     """Noise set k of the SWD measurements (k = 0: train.py's) and the seed of its sampler's own draws."""
     seed = EVAL_NOISE_SEED + k
     return torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed)), seed
-SHEETS = ("grid.png", "trajectory.png")  # sample.py's composites, not samples: skipped in FAKE_DIR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def score_samples(fake, held_out, train_files, seed=0, norm="set"):
 def seams(images, patch):
     """How much a DiT's patch grid shows: the mean step between neighbouring pixels across patch borders
     over that within patches, both directions, at the images' own size. ~1 for images that know no grid
-    (the training data), above 1 where patches are drawn apart. SWD hardly sees it (docs/results.md)."""
+    (the training data), above 1 where patches are drawn apart. SWD hardly sees it (docs/experiments.md)."""
     x = images.float()
     ratios = []
     for dim in (-1, -2):
@@ -420,12 +420,12 @@ def cartoon_faces(images):
     return sum(cartoon_face(image) for image in images) / len(images)
 
 
-
 def faces_against(fake, reference):
     """(share of fake with a cartoon face, share of the reference images), or None when under 90% of the
     reference pass: the data are not the procedural pandas, and the check would say nothing."""
     real = cartoon_faces(reference)
     return (cartoon_faces(fake), real) if real >= 0.9 else None
+
 
 # ---------------------------------------------------------------------------------------------
 # memorisation: is a sample closer to a training image than a new image would be?
