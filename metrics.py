@@ -420,10 +420,15 @@ def cartoon_faces(images):
     return sum(cartoon_face(image) for image in images) / len(images)
 
 
-def faces_against(fake, reference):
-    """(share of fake with a cartoon face, share of the reference images), or None when under 90% of the
-    reference pass: the data are not the procedural pandas, and the check would say nothing."""
-    real = cartoon_faces(reference)
+@functools.lru_cache(maxsize=4)
+def reference_faces(paths, size):
+    """cartoon_faces of the reference files at size, once per process (training asks at every evaluation)."""
+    return cartoon_faces(reference_images(paths, size))
+
+
+def faces_against(fake, real):
+    """(share of fake with a cartoon face, real: the reference images' share), or None when real is under
+    90%: the data are not the procedural pandas, and the check would say nothing."""
     return (cartoon_faces(fake), real) if real >= 0.9 else None
 
 

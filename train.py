@@ -266,8 +266,8 @@ def evaluate(run, progress):
         return
     try:
         result, n_ref = metrics.score_samples(fake, run.held_out, run.data.files)
-        reference = metrics.reference_images(tuple(metrics.reference_paths(run.held_out, run.data.files, len(fake))), cfg.image_size)
-        faces = metrics.faces_against(fake, reference)  # None unless the data are the procedural pandas
+        reference = tuple(metrics.reference_paths(run.held_out, run.data.files, len(fake)))
+        faces = metrics.faces_against(fake, metrics.reference_faces(reference, cfg.image_size))  # None unless procedural pandas
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return

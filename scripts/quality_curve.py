@@ -73,13 +73,15 @@ def measure(state, n, steps, noise_sets=1):
     held_out = held_out_files(data_dir, cfg.holdout)
     y = torch.arange(n) % cfg.num_labels
     results, grid_seams, grid_faces = [], [], []
-    reference = metrics.load_images(metrics.reference_paths(held_out, train_files, n), cfg.image_size)
+    reference_paths = tuple(metrics.reference_paths(held_out, train_files, n))
+    reference = metrics.reference_images(reference_paths, cfg.image_size)
+    real_faces = metrics.reference_faces(reference_paths, cfg.image_size)
     for k in range(noise_sets):
         noise, seed = metrics.eval_noise(n, cfg, k)
         fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=seed)
         results.append(metrics.score_samples(fake, held_out, train_files)[0])
         grid_seams.append(metrics.seams(fake, cfg.patch_size))
-        grid_faces.append(metrics.faces_against(fake, reference))
+        grid_faces.append(metrics.faces_against(fake, real_faces))
         if k == 0:
             first = fake  # the grid shows the set a single measurement uses
     result = {**results[0], "mean": sum(r["mean"] for r in results) / noise_sets,
