@@ -200,12 +200,10 @@ def sample_files(folder):
     return [f for f in folder_files(folder) if os.path.basename(f) not in SHEETS]
 
 
-def score_samples(fake, held_out, train_files, seed=0, norm="set"):
+def score_samples(fake, paths, seed=0, norm="set"):
     """SWD at EVAL_SIZE of samples in [-1, 1] against a run's reference files (`reference_paths`);
-    returns the result (its 'n_real' and 'n_fake' are the counts) and how many reference images it used."""
-    paths = reference_paths(held_out, train_files, len(fake))
-    result = swd(reference_images(tuple(paths), EVAL_SIZE), as_saved_png(fake), seed=seed, norm=norm)
-    return result, result["n_real"]
+    the result's 'n_real' and 'n_fake' are the counts."""
+    return swd(reference_images(tuple(paths), EVAL_SIZE), as_saved_png(fake), seed=seed, norm=norm)
 
 
 def seams(images, patch):

@@ -265,13 +265,14 @@ def evaluate(run, progress):
     if run.rank != 0:
         return
     try:
-        result, n_ref = metrics.score_samples(fake, run.held_out, run.data.files)
         reference = tuple(metrics.reference_paths(run.held_out, run.data.files, len(fake)))
+        result = metrics.score_samples(fake, reference)
         faces = metrics.faces_against(fake, metrics.reference_faces(reference, cfg.image_size))  # None unless procedural pandas
     except DataError as e:  # the reference photos are read only now: moved or corrupted since the start
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return
     levels = dict(zip(result["resolutions"], result["levels"]))
+    n_ref = result["n_real"]
     counts = {"Quality/swd_n_samples": result["n_fake"], "Quality/swd_n_reference": n_ref}  # SWD depends on both
     run.log.scalars(step, **{"Quality/swd": result["mean"], "Quality/seams": metrics.seams(fake, cfg.patch_size)}, **counts,
                     **{f"Quality/swd_level_{res}": v for res, v in levels.items()})

@@ -79,7 +79,7 @@ def measure(state, n, steps, noise_sets=1):
     for k in range(noise_sets):
         noise, seed = metrics.eval_noise(n, cfg, k)
         fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=seed)
-        results.append(metrics.score_samples(fake, held_out, train_files)[0])
+        results.append(metrics.score_samples(fake, reference_paths))
         grid_seams.append(metrics.seams(fake, cfg.patch_size))
         grid_faces.append(metrics.faces_against(fake, real_faces))
         if k == 0:
