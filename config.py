@@ -122,8 +122,8 @@ PRESETS = {
     "panda256": dict(image_size=256, patch_size=4, emb_dim=64, depth=3, num_heads=6, head_dim=64,
                      lr=3e-4, warmup_steps=500, batch_size=32, max_steps=100000, sample_n=8,
                      sample_every=2000, ckpt_every=1000, milestone_every=10000),
-    # The CPU presets share one model (4 blocks, 4 heads x 32 on a 128-wide stream) and recipe
-    # (v-prediction, L1, batch 32, lr 1e-3); they differ in pixels per token.
+    # The CPU presets share one model (4 blocks, 4 heads x 32 on a 128-wide stream; cartoon48 wider) and
+    # recipe (v-prediction, L1, batch 32, lr 1e-3); they differ in pixels per token.
     # 64 px, patch 4: 256 tokens.
     "panda64": dict(_CPU, image_size=64, patch_size=4),
     # 32 px, patch 2: the same 256 tokens learn faster per CPU-minute, but 32 px caps the SWD at 64 px.
