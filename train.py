@@ -272,8 +272,7 @@ def evaluate(run, progress):
         say(f"warning: step {step}: no SWD this time ({e}); training goes on")
         return
     levels = dict(zip(result["resolutions"], result["levels"]))
-    n_ref = result["n_real"]
-    counts = {"Quality/swd_n_samples": result["n_fake"], "Quality/swd_n_reference": n_ref}  # SWD depends on both
+    counts = {"Quality/swd_n_samples": result["n_fake"], "Quality/swd_n_reference": result["n_real"]}  # SWD depends on both
     run.log.scalars(step, **{"Quality/swd": result["mean"], "Quality/seams": metrics.seams(fake, cfg.patch_size)}, **counts,
                     **{f"Quality/swd_level_{res}": v for res, v in levels.items()})
     if faces:
@@ -282,7 +281,7 @@ def evaluate(run, progress):
     run.log.images("Quality/samples", make_grid(enlarge((fake[:cfg.sample_n] + 1) / 2), nrow=nrow), step)
     best = progress.best_swd or math.inf  # 0 (none yet, or an older checkpoint): no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
-        + f"), {result['n_fake']} samples vs {n_ref} reference images, best {min(best, result['mean']):.1f}"
+        + f"), {result['n_fake']} samples vs {result['n_real']} reference images, best {min(best, result['mean']):.1f}"
         + (f"; {faces[0]:.0%} with a panda's face ({faces[1]:.0%} of the data)" if faces else "") + f" [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
         progress.best_swd = result["mean"]
