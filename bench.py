@@ -206,10 +206,10 @@ def training_batches(spec, cfg, device):
     if spec.get("workers") is None:
         x = torch.rand(cfg.batch_size, cfg.in_channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
         return itertools.repeat((x, torch.zeros(cfg.batch_size, dtype=torch.long, device=device)))
-    return loader_batches(spec, cfg, device)
+    return image_batches(spec, cfg, device)
 
 
-def loader_batches(spec, cfg, device):
+def image_batches(spec, cfg, device):
     """What train.py's loop feeds the step: cached uint8 batches -> device -> [-1, 1], epoch after epoch."""
     data = ImageCache(spec["data_dir"], cfg.image_size, spec["cache_dir"])
     batches = EpochBatches(len(data), cfg.batch_size, cfg.seed, cfg.hflip)
@@ -348,13 +348,13 @@ def bench_arch(names, batch, args, mode, device, data, tmp):
                 peak_seconds=mode["peak"], precision=chosen)
     r["by_precision"] = {}
     for name in ("fp32", "bf16"):
-        say(f"{r['name']}: training (this repo, {name}), batch {batch}")
+        note(f"{r['name']}: training (this repo, {name}), batch {batch}")
         r["by_precision"][name] = run_child({**spec, "precision": name, "peak_seconds": spec["peak_seconds"] * (name == chosen)})
     r["fast"] = r["by_precision"][chosen]
     r["naive"] = bench_naive(cfg, spec, args, device)
-    say(f"{r['name']}: sampling")
+    note(f"{r['name']}: sampling")
     r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
-    say(f"{r['name']}: data pipeline on {data[1]}")
+    note(f"{r['name']}: data pipeline on {data[1]}")
     workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, cfg.num_workers})
     r["data"] = bench_data(data[0], os.path.join(tmp, "cache"), cfg.image_size, batch, workers, mode["data_seconds"])
     r["loader_train"] = bench_loader_training(r, spec, workers, data[0], tmp, args)
@@ -369,7 +369,7 @@ def bench_naive(cfg, spec, args, device):
     if need > 0.85 * available_memory(device):
         return {"error": f"skipped: needs ~{need / 1e9:.0f} GB for its attention matrices, "
                          f"{available_memory(device) / 1e9:.0f} GB available"}
-    say(f"{spec['preset']}: training (naive formulation), batch {cfg.batch_size}")
+    note(f"{spec['preset']}: training (naive formulation), batch {cfg.batch_size}")
     return run_child({**spec, "naive": True, "peak_seconds": 0})
 
 
@@ -379,7 +379,7 @@ def bench_loader_training(r, spec, workers, folder, tmp, args):
     fast = r["fast"]
     if args.quick or "error" in fast or r["batch"] / statistics.median(fast["step_times"]) < 2:
         return {}
-    say(f"{r['name']}: training on real data, DataLoader workers {workers}")
+    note(f"{r['name']}: training on real data, DataLoader workers {workers}")
     out = {}
     for w in workers:
         cache = os.path.join(tmp, "cache")
@@ -388,7 +388,7 @@ def bench_loader_training(r, spec, workers, folder, tmp, args):
     return out
 
 
-def say(message):
+def note(message):
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
@@ -414,7 +414,7 @@ def summarize(r, peak):
         r["memory_ratio"] = fast["peak_bytes"] / naive["peak_bytes"]
 
 
-def fmt(x, unit=""):
+def fmt_number(x, unit=""):
     if x is None:
         return "-"
     digits = 0 if abs(x) >= 100 else 1 if abs(x) >= 10 else 2 if abs(x) >= 1 else 3
@@ -433,43 +433,43 @@ def table_rows(r, notes):
         notes.add("(!) the naive model's parameters or FLOPs differ from this repo's: the ratio is not like for like")
     return [("image px / tokens / batch", f"{r['image_size']} / {r['tokens']} / {r['batch']}"),
             ("parameters (same for naive)", f"{r['params'] / 1e6:.3f} M{same}"),
-            ("GFLOP per training image", fmt(r["train_flops"] / 1e9) + same),
+            ("GFLOP per training image", fmt_number(r["train_flops"] / 1e9) + same),
             *precision_rows(r),
-            ("train img/s, this repo", _error(f) or fmt(f.get("images_per_s"))),
-            ("train img/s, naive", _error(n) or fmt(n.get("images_per_s"))),
-            ("speed-up over naive", fmt(r.get("speedup"), "x")),
-            ("peak memory, this repo", _error(f) or fmt(f.get("peak_bytes", 0) / 1e9, " GB")),
-            ("peak memory, naive", _error(n) or fmt(n.get("peak_bytes", 0) / 1e9, " GB")),
-            ("memory this repo / naive", fmt(r.get("memory_ratio"))),
-            ("achieved GFLOP/s (MFU)", f"{fmt(r.get('achieved_flops', 0) / 1e9)} ({fmt(100 * r.get('mfu', 0))}%)"),
+            ("train img/s, this repo", _error(f) or fmt_number(f.get("images_per_s"))),
+            ("train img/s, naive", _error(n) or fmt_number(n.get("images_per_s"))),
+            ("speed-up over naive", fmt_number(r.get("speedup"), "x")),
+            ("peak memory, this repo", _error(f) or fmt_number(f.get("peak_bytes", 0) / 1e9, " GB")),
+            ("peak memory, naive", _error(n) or fmt_number(n.get("peak_bytes", 0) / 1e9, " GB")),
+            ("memory this repo / naive", fmt_number(r.get("memory_ratio"))),
+            ("achieved GFLOP/s (MFU)", f"{fmt_number(r.get('achieved_flops', 0) / 1e9)} ({fmt_number(100 * r.get('mfu', 0))}%)"),
             *sampling_and_data_rows(r, notes)]
 
 
 def precision_rows(r):
     """Training speed in each precision, and bf16's ratio over fp32 (train.py picks by its own probe)."""
     runs = r.get("by_precision", {})
-    rows = [(f"train img/s, {name}", _error(res) or fmt(res.get("images_per_s"))) for name, res in runs.items()]
+    rows = [(f"train img/s, {name}", _error(res) or fmt_number(res.get("images_per_s"))) for name, res in runs.items()]
     if all("images_per_s" in res for res in runs.values()) and len(runs) == 2:
-        rows.append(("train speed bf16 / fp32", fmt(runs["bf16"]["images_per_s"] / runs["fp32"]["images_per_s"], "x")))
+        rows.append(("train speed bf16 / fp32", fmt_number(runs["bf16"]["images_per_s"] / runs["fp32"]["images_per_s"], "x")))
     return rows
 
 
 def sampling_and_data_rows(r, notes):
     rows = []
     for key, res in r["sampling"].items():
-        grid = fmt(res["grid_seconds"])
+        grid = fmt_number(res["grid_seconds"])
         if not res["measured"]:
             grid += f"* ({res['timed_steps']} steps, b{res['batch']})"
             notes.add("* extrapolated: seconds per step, measured over the steps and batch in brackets, "
                       "scaled to every step and 64 images")
-        rows += [(f"{key.upper()}: model evals/s (batch)", f"{fmt(res['evals_per_s'])} (b{res['batch']})"),
+        rows += [(f"{key.upper()}: model evals/s (batch)", f"{fmt_number(res['evals_per_s'])} (b{res['batch']})"),
                  (f"{key.upper()}: 64-image grid, s", grid)]
     d = r["data"]
-    rows.append(("data: first decode + cache, s", f"{fmt(d['build_seconds'])} ({d['images']} images)"))
+    rows.append(("data: first decode + cache, s", f"{fmt_number(d['build_seconds'])} ({d['images']} images)"))
     for w, rate in d["images_per_s"].items():
-        rows.append((f"data img/s, {w} workers (x model)", f"{fmt(rate)} (x{fmt(r.get('data_vs_model', {}).get(w))})"))
+        rows.append((f"data img/s, {w} workers (x model)", f"{fmt_number(rate)} (x{fmt_number(r.get('data_vs_model', {}).get(w))})"))
     for w, rate in r["loader_train"].items():
-        rows.append((f"train img/s on real data, {w} workers", _error(rate) or fmt(rate)))
+        rows.append((f"train img/s on real data, {w} workers", _error(rate) or fmt_number(rate)))
     return rows
 
 
