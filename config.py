@@ -91,6 +91,9 @@ class Config:
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim or ddpm for diffusion, "
                                 "euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, heun for flow")
+    sample_spacing: float = knob(1.0, "how the sampler's steps are spread from pure noise to the image: at (1 - i / steps) ** spacing of the way; "
+                                      "1 = evenly, 2 = denser near the clean image, where the finest detail is drawn (for the TensorBoard samples, "
+                                      "the SWD evaluation and sample.py's default)")
     sample_steps: int = knob(50, "sampler steps for the TensorBoard samples")
     eval_every: int = knob(0, "steps between SWD evaluations (Quality/swd, best.pt; 0 = off)")
     eval_n: int = knob(256, "images generated for each SWD evaluation")
@@ -215,6 +218,8 @@ def check_config(cfg):
         problems.append("batch_size, max_t, depth, num_heads, head_dim and emb_dim must be >= 1")
     if cfg.eval_every < 0 or cfg.holdout < 0 or min(cfg.eval_n, cfg.eval_steps, cfg.sample_steps) < 1:
         problems.append("eval_every and holdout must be >= 0, eval_n, eval_steps and sample_steps >= 1")
+    if not cfg.sample_spacing >= 1:
+        problems.append(f"sample_spacing must be >= 1 (1 = evenly spaced steps), not {cfg.sample_spacing:g}")
     if not (cfg.lr > 0 and cfg.mlp_ratio > 0):
         problems.append("lr and mlp_ratio must be > 0")
     if not 0.0 <= cfg.ema_decay < 1.0:

@@ -28,6 +28,7 @@ def make_betas(schedule, max_t, beta_start=1e-4, beta_end=0.02):
 class Diffusion:
     """Schedule terms, q(x_t | x_0), the training loss (noise, v or x_0 prediction) and the reverse samplers."""
     sampler = "ddim"  # the default of sample_batches; make_diffusion sets the config's
+    spacing = 1.0  # the power of the sampling steps' spacing (`spaced`); make_diffusion sets the config's
 
     def __init__(self, max_t=1000, beta_start=1e-4, beta_end=0.02, loss="l1", device="cpu", min_snr_gamma=0.0,
                  prediction="eps", schedule="linear", hybrid_t=850):
@@ -175,10 +176,16 @@ class Diffusion:
         return x_prev, x_start
 
     def timesteps(self, steps):
-        """`steps` evenly spaced timesteps from max_t - 1 down to 0."""
+        """`steps` distinct timesteps from max_t - 1 down to 0, evenly spaced or, with spacing > 1, denser near 0
+        (`spaced`); steps = max_t gives every timestep whatever the spacing."""
         if not 1 <= steps <= self.max_t:
             raise ValueError(f"steps must be between 1 and max_t={self.max_t}, got {steps}")
-        return torch.linspace(self.max_t - 1, 0, steps).round().long().tolist()
+        # the even steps in float32, so that they stay the ones every earlier figure was sampled with
+        ts = torch.linspace(self.max_t - 1, 0, steps) if self.spacing == 1 else spaced(steps, self.spacing) * (self.max_t - 1)
+        ts = ts.round().long().tolist()
+        for i in range(steps - 2, -1, -1):  # where rounding makes two steps equal near 0, the earlier one moves up
+            ts[i] = max(ts[i], ts[i + 1] + 1)
+        return ts
 
     @torch.inference_mode()
     def sample(self, model, noise, y, sampler="ddim", steps=50, eta=0.0, cfg_scale=1.0, generator=None,
@@ -232,6 +239,7 @@ class Flow:
     as Diffusion: training_loss, sample, sample_batches. Heun is the default sampler (config.SAMPLERS): on a trained
     model its samples score better than Euler's at any step count, even at fewer model calls (docs/experiments.md)."""
     sampler = "heun"
+    spacing = 1.0
 
     x0_min_t = 0.05  # an x_0 output becomes the velocity (x_t - x_0) / t: below this t the division would blow up its error
 
@@ -276,10 +284,10 @@ class Flow:
         return (x - (x - t * v).clamp(-1, 1)) / t if clip else v
 
     def timesteps(self, steps):
-        """steps + 1 evenly spaced times from 1 down to 0."""
+        """steps + 1 times from 1 down to 0, evenly spaced or, with spacing > 1, denser near 0 (`spaced`)."""
         if not 1 <= steps <= self.max_t:
             raise ValueError(f"steps must be between 1 and max_t={self.max_t}, got {steps}")
-        return torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+        return spaced(steps + 1, self.spacing).tolist()
 
     @torch.inference_mode()
     def sample(self, model, noise, y, sampler="euler", steps=50, eta=0.0, cfg_scale=1.0, generator=None,
@@ -305,6 +313,12 @@ class Flow:
         return x.clamp(-1, 1)
 
 
+def spaced(n, power):
+    """n points from 1 down to 0 (float64): u ** power for u evenly spaced. power 1 is even; above 1 the steps crowd near 0,
+    where the sampler adds the finest detail (as Karras et al. 2022's rho crowds them at low noise; docs/experiments.md)."""
+    return torch.linspace(1, 0, n, dtype=torch.float64) ** power
+
+
 def make_diffusion(cfg, device="cpu"):
     """Diffusion or Flow by cfg.objective, with .sampler: the one the in-training samples and the evaluation use."""
     if cfg.objective == "flow":
@@ -312,5 +326,5 @@ def make_diffusion(cfg, device="cpu"):
     else:
         process = Diffusion(cfg.max_t, cfg.beta_start, cfg.beta_end, cfg.loss, device, cfg.min_snr_gamma, cfg.prediction,
                             cfg.noise_schedule, cfg.hybrid_t)
-    process.sampler = resolve_sampler(cfg)
+    process.sampler, process.spacing = resolve_sampler(cfg), cfg.sample_spacing
     return process

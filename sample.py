@@ -36,6 +36,9 @@ def parse_args(argv=None):
                    help="diffusion checkpoints: ddpm (ancestral) or ddim (deterministic with eta=0); flow checkpoints (--objective flow): "
                         "euler or heun (ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, or heun for flow)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = max_t for ddpm, else 50 (default: 0)")
+    p.add_argument("--spacing", type=float, default=0.0,
+                   help="spread of the steps from noise to image: 1 = even, 2 = denser near the image, where the finest "
+                        "detail is drawn (default: the checkpoint's --sample-spacing)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = ancestral; --sampler ddpm is always ancestral; "
                                                           "euler and heun take only 0 (default: 0)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images (default: 0)")
@@ -97,6 +100,8 @@ def check_args(args, cfg, model):
         raise SystemExit("error: --cfg needs a model trained with --label-dropout > 0 (this one had 0); use --cfg 1")
     if args.n < 1 or args.batch_size < 1:
         raise SystemExit("error: --n and --batch-size must be >= 1")
+    if args.spacing and not args.spacing >= 1:
+        raise SystemExit(f"error: --spacing must be >= 1 (1 = evenly spaced steps), got {args.spacing:g}")
     if not 0.0 <= args.eta <= 1.0:
         raise SystemExit(f"error: --eta must be between 0 (deterministic) and 1 (ancestral), got {args.eta:g}")
     return steps
@@ -136,6 +141,7 @@ def main(argv=None):
     label = parse_label(args.label, classes)
     labels = torch.full((args.n,), label) if label is not None else torch.arange(args.n) % cfg.num_labels
     diffusion = make_diffusion(cfg, device)
+    diffusion.spacing = args.spacing or diffusion.spacing
     out = args.out or os.path.join("samples", cfg.run, str(state["step"]))
     check_writable(out, fix="pass another --out")  # before minutes of sampling, not after
     frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
@@ -148,7 +154,8 @@ def main(argv=None):
         save_image((img + 1) / 2, os.path.join(out, f"{i:04d}.png"))
     if frames:
         save_image(trajectory_strip(frames), os.path.join(out, "trajectory.png"))
-    print(f"{args.n} images ({args.sampler}-{steps}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
+    spread = f", spacing {diffusion.spacing:g}" if diffusion.spacing != 1 else ""
+    print(f"{args.n} images ({args.sampler}-{steps}{spread}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
           f"step {state['step']}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import build_config
-from diffusion import Diffusion, make_betas
+from diffusion import Diffusion, make_betas, make_diffusion
 from dit import DiT
 
 T = 1000
@@ -303,6 +303,36 @@ def test_timesteps_bounds():
             diffusion.timesteps(bad)
 
 
+@pytest.mark.parametrize("spacing", [1.5, 2, 7])
+def test_spaced_timesteps_crowd_near_the_image(spacing):
+    """spacing > 1: distinct steps from max_t - 1 down to 0, each gap no wider than the one before it, the last ones
+    a single timestep apart; the step count stays exact, and steps = max_t is still every timestep."""
+    diffusion = Diffusion(T, 1e-4, 0.02)
+    even = diffusion.timesteps(50)
+    diffusion.spacing = spacing
+    for steps in (2, 25, 50, 333):
+        ts = diffusion.timesteps(steps)
+        gaps = [a - b for a, b in zip(ts, ts[1:])]
+        assert len(ts) == steps and ts[0] == T - 1 and ts[-1] == 0 and min(gaps) >= 1
+        assert all(later <= earlier + 1 for earlier, later in zip(gaps, gaps[1:]))  # +1: rounding
+    ts = diffusion.timesteps(50)
+    assert 5 * ts[-2] < even[-2] and ts[25] < even[25]  # a last step a fifth as long; half the steps lower down
+    assert diffusion.timesteps(T) == list(range(T - 1, -1, -1))
+
+
+def test_ddim_with_oracle_recovers_x0_on_spaced_steps():
+    """Spacing moves the steps, not the path: given the true noise, DDIM on crowded steps still lands on x0."""
+    diffusion = Diffusion(T, 1e-4, 0.02)
+    diffusion.spacing = 2
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = diffusion.sample(oracle(x0), noise, torch.zeros(2, dtype=torch.long), "ddim", 20, clip=False,
+                           callback=lambda i, t, x, x_start: seen.append(t))
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert seen == diffusion.timesteps(20) and seen[-2] < 5
+
+
 def test_min_snr_weighting_matches_the_formula():
     """Min-SNR-gamma scales each sample's loss by min(SNR_t, gamma) / SNR_t; gamma = 0 is the plain loss."""
     x0, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)
@@ -346,6 +376,15 @@ def test_negative_min_snr_gamma_is_refused():
         build_config({"preset": "tiny", "min_snr_gamma": -1.0})
     assert str(e.value).startswith("error: min_snr_gamma must be >= 0")
     assert build_config({"preset": "tiny", "min_snr_gamma": 0.0}).min_snr_gamma == 0.0
+
+
+def test_sample_spacing_reaches_the_sampler_and_below_one_is_refused():
+    """--sample-spacing is what training's samples, the evaluation and sample.py's default use; < 1 is one clear error."""
+    for objective in ("diffusion", "flow"):
+        assert make_diffusion(build_config({"preset": "tiny", "objective": objective, "sample_spacing": 2.5})).spacing == 2.5
+    with pytest.raises(SystemExit) as e:
+        build_config({"preset": "tiny", "sample_spacing": 0.5})
+    assert str(e.value) == "error: sample_spacing must be >= 1 (1 = evenly spaced steps), not 0.5"
 
 
 def test_hybrid_loss_is_mse_at_high_noise_and_l1_below():

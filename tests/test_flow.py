@@ -93,6 +93,17 @@ def test_oracle_recovers_x0_from_noise(sampler, steps, prediction, clip):
     close(out, x0, tol=1e-5)
 
 
+def test_spaced_times_crowd_near_the_image_and_the_oracle_still_lands_on_x0():
+    """spacing p: the times (1 - i / steps) ** p, so the steps shrink towards t = 0; the straight path is still exact."""
+    flow = Flow(T)
+    flow.spacing = 2
+    assert flow.timesteps(4) == [1.0, 0.5625, 0.25, 0.0625, 0.0]
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.rand(2, 3, 8, 8, generator=g) * 1.8 - 0.9
+    out = flow.sample(oracle(x0, "v"), torch.randn(2, 3, 8, 8, generator=g), torch.zeros(2, dtype=torch.long), "heun", 5)
+    close(out, x0, tol=1e-5)
+
+
 def curved(x, t_in, y):
     """dx/dt = t x: from x(1), x(0) = x(1) exp(-1/2)."""
     return (t_in / T).view(-1, 1, 1, 1) * x

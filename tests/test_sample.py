@@ -241,6 +241,21 @@ def test_steps_default_and_bounds(plain, tmp_path, capsys):
             f"error: --eta must be between 0 (deterministic) and 1 (ancestral), got {bad:g}"
 
 
+def test_spacing_defaults_to_the_checkpoints_and_a_flag_overrides_it(plain, tmp_path, capsys, monkeypatch):
+    """sample.py spaces its steps as the run did (--sample-spacing, 1 for the tiny run) unless --spacing says
+    otherwise; the images then differ, and the line says so. Below 1 is a clear error."""
+    used = []
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, diffusion, *a, **k: used.append(diffusion.spacing) or real(model, diffusion, *a, **k))
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 5, "--out", tmp_path / "even")
+    assert "ddim-5, EMA" in capsys.readouterr().out
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 5, "--spacing", 3, "--out", tmp_path / "crowded")
+    assert "ddim-5, spacing 3," in capsys.readouterr().out and used == [1.0, 3.0]
+    assert (pixels(tmp_path / "even/0000.png") != pixels(tmp_path / "crowded/0000.png")).any()
+    assert error_of("--ckpt", plain, "--spacing", 0.5, "--out", tmp_path) == \
+        "error: --spacing must be >= 1 (1 = evenly spaced steps), got 0.5"
+
+
 def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
     """Missing, random-bytes, truncated, foreign and unsafe files each exit with a message naming the file."""
     missing = tmp_path / "missing.pt"
