@@ -382,6 +382,9 @@ def test_sample_spacing_reaches_the_sampler_and_below_one_is_refused():
     """--sample-spacing is what training's samples, the evaluation and sample.py's default use; < 1 is one clear error."""
     for objective in ("diffusion", "flow"):
         assert make_diffusion(build_config({"preset": "tiny", "objective": objective, "sample_spacing": 2.5})).spacing == 2.5
+    # the photo preset crowds its steps near the image; on the cartoons that draws fewer faces (docs/experiments.md)
+    assert make_diffusion(build_config({"preset": "panda48"})).spacing == 3
+    assert make_diffusion(build_config({"preset": "cartoon48"})).spacing == 1
     with pytest.raises(SystemExit) as e:
         build_config({"preset": "tiny", "sample_spacing": 0.5})
     assert str(e.value) == "error: sample_spacing must be >= 1 (1 = evenly spaced steps), not 0.5"
