@@ -353,7 +353,8 @@ def bench_arch(names, batch, args, mode, device, data, tmp):
     r["fast"] = r["by_precision"][chosen]
     r["naive"] = bench_naive(cfg, spec, args, device)
     note(f"{r['name']}: sampling")
-    r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
+    with autocast_for(device, chosen):  # sample.py's precision
+        r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
     note(f"{r['name']}: data pipeline on {data[1]}")
     workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, cfg.num_workers})
     r["data"] = bench_data(data[0], os.path.join(tmp, "cache"), cfg.image_size, batch, workers, mode["data_seconds"])

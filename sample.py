@@ -23,7 +23,7 @@ from dataset import enlarge
 from config import SAMPLERS, config_from_dict, resolve_sampler
 from diffusion import make_diffusion
 from dit import DiT
-from distributed import pick_device
+from distributed import autocast_for, pick_device, precision
 
 
 def parse_args(argv=None):
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--no-clip", dest="clip", action="store_false", help="do not clip the predicted x0 to [-1, 1] at each step")
     p.add_argument("--trajectory", action="store_true", help="also write trajectory.png: x_t and predicted x0 at 16 steps of the first image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the network under bf16 autocast where train.py would train in bf16 (CUDA; CPUs with fast bf16 "
+                        "matmuls); the sampler's own arithmetic stays fp32; --no-amp = fp32 throughout (default: on)")
     p.add_argument("--out", default="", help="output folder (default: samples/<run>/<step>)")
     return p.parse_args(argv)
 
@@ -146,8 +149,10 @@ def main(argv=None):
     check_writable(out, fix="pass another --out")  # before minutes of sampling, not after
     frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
     record = (lambda i, t, x, x0: frames.append((x[0].float().cpu(), x0[0].float().cpu())) if i in keep else None) if args.trajectory else None
+    dtype = precision(device, args.amp)[0]
     t0 = time.time()
-    images = generate(model, diffusion, cfg, args, steps, labels, device, record)
+    with autocast_for(device, dtype):
+        images = generate(model, diffusion, cfg, args, steps, labels, device, record)
     seconds = time.time() - t0
     save_image(enlarge((images + 1) / 2), os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
     for i, img in enumerate(images):
@@ -156,7 +161,7 @@ def main(argv=None):
         save_image(trajectory_strip(frames), os.path.join(out, "trajectory.png"))
     spread = f", spacing {diffusion.spacing:g}" if diffusion.spacing != 1 else ""
     print(f"{args.n} images ({args.sampler}-{steps}{spread}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
-          f"step {state['step']}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
+          f"step {state['step']}, {dtype}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
 
 
 if __name__ == "__main__":

@@ -196,8 +196,9 @@ def shared_samples(run, noise, y, steps, seed):
     model.eval()
     mine = noise[part]
     if len(mine):
-        mine = run.diffusion.sample_batches(model, mine, y[part], run.cfg.batch_size, run.device, run.diffusion.sampler,
-                                            min(steps, run.cfg.max_t), seed=seed, start=part.start)
+        with run.autocast:  # the network in the run's precision, the sampler's arithmetic in fp32
+            mine = run.diffusion.sample_batches(model, mine, y[part], run.cfg.batch_size, run.device, run.diffusion.sampler,
+                                                min(steps, run.cfg.max_t), seed=seed, start=part.start)
     model.train(was_training)
     return gather(mine.float(), len(noise), run.device)
 

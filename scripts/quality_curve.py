@@ -27,7 +27,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from config import build_config, parse_train_args  # noqa: E402
 from dataset import DEFAULT_DATA_DIR, enlarge, find_images, held_out_files  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
-from distributed import pick_device  # noqa: E402
+from distributed import autocast_for, pick_device, precision  # noqa: E402
 from sample import load_model  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 @torch.inference_mode()
 def measure(state, n, steps, noise_sets=1):
-    """SWD of n EMA samples (on the GPU when there is one; the noise is the same either way) against the
+    """SWD of n EMA samples (on the GPU when there is one, in the run's precision; the noise is the same either way) against the
     run's reference photos; with noise_sets > 1, the mean over that many sets of n, each from other
     starting noise (seeds metrics.EVAL_NOISE_SEED + 0, 1, ...; the first is train.py's --eval-every noise),
     with each set's mean under "sets". Returns it and the first set."""
@@ -78,7 +78,8 @@ def measure(state, n, steps, noise_sets=1):
     real_faces = metrics.reference_faces(reference_paths, cfg.image_size)
     for k in range(noise_sets):
         noise, seed = metrics.eval_noise(n, cfg, k)
-        fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=seed)
+        with autocast_for(device, precision(device, cfg.amp)[0]):  # as train.py's evaluation samples
+            fake = diffusion.sample_batches(model, noise, y, 64, device, diffusion.sampler, steps, seed=seed)
         results.append(metrics.score_samples(fake, reference_paths))
         grid_seams.append(metrics.seams(fake, cfg.patch_size))
         grid_faces.append(metrics.faces_against(fake, real_faces))

@@ -51,6 +51,22 @@ def test_autocast_for_runs_matmuls_in_the_chosen_precision():
         assert (x @ x).dtype == torch.float32
 
 
+def test_training_samples_in_the_runs_precision(tmp_path, monkeypatch):
+    """The TensorBoard grid (and the SWD evaluation, through the same helper) runs the network under the run's
+    bf16 autocast, and under none in fp32."""
+    import diffusion
+    data = make_pandas(tmp_path / "pandas", 4)
+    seen = []
+    real = diffusion.Diffusion.sample_batches
+    monkeypatch.setattr(diffusion.Diffusion, "sample_batches",
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
+    for name, speedup in (("bf16", 4.0), ("fp32", 0.5)):
+        monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+        run_train(tmp_path / name, data, "--batch-size", 2, "--max-steps", 2, "--sample-every", 2, "--sample-steps", 2,
+                  "--no-log-graph")
+    assert seen == [True, False]
+
+
 def test_resume_across_precisions_switches_and_keeps_fp32_state(tmp_path, monkeypatch, capsys):
     """A run trained under bf16 resumes on a CPU without bf16 units in fp32 (and back): weights, EMA and
     optimizer state stay fp32 in every checkpoint; the start line names the precision; bf16 changes the numbers."""

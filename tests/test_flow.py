@@ -1,5 +1,6 @@
 """Rectified flow (--objective flow): the loss against its closed form, the samplers against exact solutions, the
 logit-normal t, the config rules, a resume across objectives, sample.py on a flow checkpoint, and the DDPM path unchanged."""
+import contextlib
 import math
 import shutil
 import types
@@ -188,7 +189,7 @@ def test_diffusion_path_unchanged(tiny_cfg):
     with torch.no_grad():
         assert torch.equal(model(x, t, t * 0), model(x, t.float(), t * 0))
     run = types.SimpleNamespace(cfg=tiny_cfg, model=model, ema=None, diffusion=d, device=torch.device("cpu"),
-                                data=types.SimpleNamespace(classes=["pandas"]))
+                                autocast=contextlib.nullcontext(), data=types.SimpleNamespace(classes=["pandas"]))
     grid = train.sample_grid(run)
     noise = torch.randn(tiny_cfg.sample_n, 3, 16, 16, generator=torch.Generator().manual_seed(tiny_cfg.seed + 1))
     images = d.sample(model, noise, torch.zeros(tiny_cfg.sample_n, dtype=torch.long), "ddim", tiny_cfg.sample_steps)

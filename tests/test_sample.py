@@ -92,7 +92,7 @@ def test_no_arguments_falls_back_past_an_unreadable_checkpoint(runs, tmp_path, m
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     broken = []
-    for name, sampled in (("step_0000004.pt", "step 4)"), ("latest.pt", "step 2)")):
+    for name, sampled in (("step_0000004.pt", "step 4,"), ("latest.pt", "step 2,")):
         with open(f"checkpoints/two/{name}", "r+b") as f:
             f.truncate(1000)
         broken.append(name)
@@ -254,6 +254,20 @@ def test_spacing_defaults_to_the_checkpoints_and_a_flag_overrides_it(plain, tmp_
     assert (pixels(tmp_path / "even/0000.png") != pixels(tmp_path / "crowded/0000.png")).any()
     assert error_of("--ckpt", plain, "--spacing", 0.5, "--out", tmp_path) == \
         "error: --spacing must be >= 1 (1 = evenly spaced steps), got 0.5"
+
+
+def test_network_runs_in_bf16_where_training_would_and_no_amp_is_fp32(plain, tmp_path, capsys, monkeypatch):
+    """On a CPU with fast bf16 the network samples under bf16 autocast (other images, close to fp32's); --no-amp,
+    or a CPU without fast bf16, gives the fp32 images exactly. The line names the precision."""
+    import distributed
+    for name, speedup, flags in (("bf16", 4.0, ()), ("fp32", 4.0, ("--no-amp",)), ("slow", 0.5, ())):
+        monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+        run_sample("--ckpt", plain, "--n", 4, "--steps", 5, "--out", tmp_path / name, *flags)
+        assert ("bf16)" if name == "bf16" else "fp32)") in capsys.readouterr().out
+    for i in range(4):
+        bf16, fp32, slow = (pixels(tmp_path / name / f"{i:04d}.png") for name in ("bf16", "fp32", "slow"))
+        assert np.array_equal(fp32, slow)
+        assert 0 < np.abs(bf16 - fp32).mean() < 8
 
 
 def test_bad_checkpoints_are_clear_errors(plain, tmp_path):
