@@ -132,10 +132,11 @@ PRESETS = {
     # 32 px, patch 2: the same 256 tokens learn faster per CPU-minute, but 32 px caps the SWD at 64 px.
     "panda32": dict(_CPU, image_size=32, patch_size=2),
     # 48 px, patch 3: panda32's cost with 1.5x the pixels, so it keeps learning past panda32's floor (the CPU default).
-    # MSE on the noisiest 15% of the timesteps, where the layout is decided, L1 below (docs/experiments.md).
+    # MSE on the noisiest 30% of the timesteps, where the layout is decided (L1 there draws the median, leaving out
+    # the minority white and dark parts), L1 below for the texture (docs/experiments.md).
     # Its sampler's steps crowd near the image (spacing 3), where a photo's fine texture is drawn: evenly spaced steps
     # smooth it away more the longer the model trains (docs/experiments.md, "Where the sampler spends its steps").
-    "panda48": dict(_CPU, image_size=48, patch_size=3, loss="hybrid", sample_spacing=3.0),
+    "panda48": dict(_CPU, image_size=48, patch_size=3, loss="hybrid", hybrid_t=700, sample_spacing=3.0),
     # The procedural cartoons (their CPU default): 64 tokens of 6x6 flat pixels, an easy x_0 to draw but not an
     # easy noise to predict, so the model draws x_0; MSE down to t = 400 places their dark parts. Worse on photos.
     # Width 192 (6 heads): at 64 tokens a step costs 1.5x (bf16) to 1.8x (fp32), and per minute it draws cleaner pandas.
