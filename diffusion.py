@@ -156,24 +156,42 @@ class Diffusion:
         noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
         return mean + var.sqrt() * noise, x_start
 
-    def ddim_step(self, eps, x_t, t, t_prev, eta=0.0, generator=None, clip=True):
+    def ddim_step(self, eps, x_t, t, t_prev, eta=0.0, generator=None, clip=True, x_start=None):
         """One DDIM step x_t -> x_{t_prev} (Song et al. eq. 12); t_prev = -1 means the clean image.
 
         Each image takes its own (t, t_prev). The coefficients come from the float64 table, rounded to
-        float32 only at the end: 1 - alpha-bar in float32 keeps only ~3 digits near t = 0.
+        float32 only at the end: 1 - alpha-bar in float32 keeps only ~3 digits near t = 0. A given x_start
+        (dpm2m's extrapolation) replaces the one eps implies, unclipped.
         """
         a_t = self.alphas_cumprod_64[t.cpu()]
         a_prev = torch.where(t_prev.cpu() >= 0, self.alphas_cumprod_64[t_prev.cpu().clamp(min=0)], 1.0)
         coef = lambda values: self._per_image(values, x_t)  # noqa: E731
-        x_start = self.predict_start(x_t, t, eps)
-        if clip:  # keep eps consistent with the clipped x_0, as the DDPM step does implicitly
-            x_start = x_start.clamp(-1, 1)
+        given = x_start is not None
+        if not given:
+            x_start = self.predict_start(x_t, t, eps)
+            if clip:
+                x_start = x_start.clamp(-1, 1)
+        if clip or given:  # keep eps consistent with the x_0 the step uses, as the DDPM step does implicitly
             eps = (x_t - coef(a_t.sqrt()) * x_start) / coef((1 - a_t).sqrt())
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # 0 where t_prev = -1
         x_prev = coef(a_prev.sqrt()) * x_start + coef((1 - a_prev - sigma ** 2).clamp(min=0).sqrt()) * eps
         if eta > 0 and bool((t_prev >= 0).any()):
             x_prev = x_prev + coef(sigma) * torch.randn(x_t.shape, device=x_t.device, generator=generator)
         return x_prev, x_start
+
+    def dpm2m_start(self, x_start, t, t_prev, before):
+        """The x_0 a DDIM step from t to t_prev uses under DPM-Solver++(2M) (Lu et al. 2022): this step's prediction
+        extrapolated with the previous step's, before = (its t, its x_0), in lambda = log(alpha / sigma). A DDIM step
+        is the first-order solver, so the first step (no before) and the last (to the clean image) stay DDIM's, and so
+        does a step over twice as long as the one before (evenly spaced steps' last, into t = 0), where the
+        extrapolation overshoots."""
+        if before is None or t_prev < 0:
+            return x_start
+        lam = lambda i: 0.5 * math.log(self.alphas_cumprod_64[i] / (1 - self.alphas_cumprod_64[i]))  # noqa: E731
+        r = (lam(t) - lam(before[0])) / (lam(t_prev) - lam(t))  # the previous step's length over this one's
+        if r < 0.5:
+            return x_start
+        return (1 + 0.5 / r) * x_start - (0.5 / r) * before[1]
 
     def timesteps(self, steps):
         """`steps` distinct timesteps from max_t - 1 down to 0, evenly spaced or, with spacing > 1, denser near 0
@@ -199,17 +217,22 @@ class Diffusion:
         ts = self.timesteps(steps)
         if sampler == "ddpm":
             eta = 1.0
-        elif sampler != "ddim":
-            raise ValueError(f"sampler must be ddpm or ddim, got {sampler}")
-        x = noise
+        elif sampler not in ("ddim", "dpm2m"):
+            raise ValueError(f"sampler must be ddpm, ddim or dpm2m, got {sampler}")
+        x, before = noise, None
         for i, t_now in enumerate(tqdm(ts, desc=f"{sampler}-{steps}", disable=not progress, leave=False)):
             t = torch.full((x.shape[0],), t_now, device=x.device, dtype=torch.long)
             eps = self.to_eps(self.guided_eps(model, x, t, y, cfg_scale).float(), x, t)
             if sampler == "ddpm" and steps == self.max_t:
                 x, x_start = self.ddpm_step(eps, x, t, generator, clip)
             else:
-                t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
-                x, x_start = self.ddim_step(eps, x, t, t_prev, eta, generator, clip)
+                t_next = ts[i + 1] if i + 1 < len(ts) else -1
+                x_start = None
+                if sampler == "dpm2m":
+                    x_start = self.predict_start(x, t, eps)
+                    x_start = x_start.clamp(-1, 1) if clip else x_start
+                    x_start, before = self.dpm2m_start(x_start, t_now, t_next, before), (t_now, x_start)
+                x, x_start = self.ddim_step(eps, x, t, torch.full_like(t, t_next), eta, generator, clip, x_start)
             if callback is not None:
                 callback(i, t_now, x, x_start)
         return x.clamp(-1, 1)

@@ -32,9 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-dir", default="checkpoints", help="where train.py wrote its runs (default: checkpoints)")
     p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
     p.add_argument("--batch-size", type=int, default=64, help="images denoised at once (default: 64)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], default="",
-                   help="diffusion checkpoints: ddpm (ancestral) or ddim (deterministic with eta=0); flow checkpoints (--objective flow): "
-                        "euler or heun (ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, or heun for flow)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm2m", "euler", "heun"], default="",
+                   help="diffusion checkpoints: ddpm (ancestral), ddim (deterministic with eta=0) or dpm2m (DPM-Solver++ 2M: "
+                        "deterministic, second order, one model call a step); flow checkpoints (--objective flow): euler or heun "
+                        "(ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, dpm2m for panda48, heun for flow)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = max_t for ddpm, else 50 (default: 0)")
     p.add_argument("--spacing", type=float, default=0.0,
                    help="spread of the steps from noise to image: 1 = even, 2 = denser near the image, where the finest "
@@ -94,7 +95,7 @@ def check_args(args, cfg, model):
     if args.sampler not in SAMPLERS[cfg.objective]:
         raise SystemExit(f"error: --sampler {args.sampler} does not sample a {cfg.objective} checkpoint; use "
                          + " or ".join(SAMPLERS[cfg.objective]))
-    if args.eta and cfg.objective == "flow":
+    if args.eta and (cfg.objective == "flow" or args.sampler == "dpm2m"):
         raise SystemExit(f"error: --eta is for ddim; {args.sampler} is deterministic, drop --eta")
     steps = args.steps or (cfg.max_t if args.sampler == "ddpm" else min(50, cfg.max_t))
     if not 1 <= steps <= cfg.max_t:

@@ -333,6 +333,40 @@ def test_ddim_with_oracle_recovers_x0_on_spaced_steps():
     assert seen == diffusion.timesteps(20) and seen[-2] < 5
 
 
+@pytest.mark.parametrize("spacing", [1, 3])
+def test_dpm2m_with_oracle_recovers_x0(spacing):
+    """Given the true noise every predicted x0 is exact, so DPM-Solver++(2M)'s extrapolation of two of them is too."""
+    diffusion = Diffusion(T, 1e-4, 0.02)
+    diffusion.spacing = spacing
+    x0 = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = diffusion.sample(oracle(x0), noise, torch.zeros(2, dtype=torch.long), "dpm2m", 20, clip=False)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+
+
+def gaussian_eps(var):
+    """The exact noise predictor for data drawn from N(0, var) per pixel: E[eps | x_t] = sqrt(1 - a) x_t / (a var + 1 - a)."""
+    def model(x_t, t, y):
+        a = torch.tensor([ABAR[int(i)] for i in t], dtype=torch.float64).view(-1, 1, 1, 1)
+        return ((1 - a).sqrt() * x_t.double() / (a * var + 1 - a)).float()
+    return model
+
+
+@pytest.mark.parametrize("spacing", [1, 3])
+def test_dpm2m_follows_the_ode_closer_than_ddim(spacing):
+    """On Gaussian data, whose noise predictor is exact, DPM-Solver++(2M) lands nearer the probability-flow ODE's end
+    (DDIM over all 1000 steps) than DDIM does with the same steps, at least 3x nearer from 20 steps up: second order
+    against first. With even steps the long last step into t = 0 stays first order, or it would overshoot."""
+    diffusion = Diffusion(T, 1e-4, 0.02)
+    noise, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.zeros(4, dtype=torch.long)
+    model = gaussian_eps(0.25)
+    ode_end = diffusion.sample(model, noise, y, "ddim", T, clip=False)
+    diffusion.spacing = spacing
+    for steps in (20, 50):
+        ddim, dpm2m = ((diffusion.sample(model, noise, y, s, steps, clip=False) - ode_end).abs().max() for s in ("ddim", "dpm2m"))
+        assert dpm2m * 3 < ddim, (steps, float(dpm2m), float(ddim))
+
+
 def test_min_snr_weighting_matches_the_formula():
     """Min-SNR-gamma scales each sample's loss by min(SNR_t, gamma) / SNR_t; gamma = 0 is the plain loss."""
     x0, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)

@@ -256,6 +256,17 @@ def test_spacing_defaults_to_the_checkpoints_and_a_flag_overrides_it(plain, tmp_
         "error: --spacing must be >= 1 (1 = evenly spaced steps), got 0.5"
 
 
+def test_dpm2m_samples_a_diffusion_checkpoint_and_refuses_eta(plain, tmp_path, capsys):
+    """--sampler dpm2m draws other images than ddim from the same noise and names itself; it is deterministic,
+    so --eta is refused."""
+    for name in ("ddim", "dpm2m"):
+        run_sample("--ckpt", plain, "--n", 2, "--steps", 5, "--spacing", 3, "--sampler", name, "--out", tmp_path / name)
+        assert f"{name}-5, spacing 3," in capsys.readouterr().out
+    assert (pixels(tmp_path / "ddim/0000.png") != pixels(tmp_path / "dpm2m/0000.png")).any()
+    assert error_of("--ckpt", plain, "--sampler", "dpm2m", "--eta", 0.5, "--out", tmp_path) == \
+        "error: --eta is for ddim; dpm2m is deterministic, drop --eta"
+
+
 def test_network_runs_in_bf16_where_training_would_and_no_amp_is_fp32(plain, tmp_path, capsys, monkeypatch):
     """On a CPU with fast bf16 the network samples under bf16 autocast (other images, close to fp32's); --no-amp,
     or a CPU without fast bf16, gives the fp32 images exactly. The line names the precision."""

@@ -153,8 +153,10 @@ def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, caps
     run_train(tmp_path / "work", image_dir, "--preset", "auto", "--max-steps", 0, "--num-workers", 0, "--no-log-graph")
     assert "preset panda48" in capsys.readouterr().out
     saved = json.load(open(tmp_path / "work/checkpoints/panda48/config.json"))
-    assert (saved["preset"], saved["image_size"], saved["patch_size"], saved["prediction"], saved["loss"], saved["hybrid_t"]) == \
-        ("panda48", 48, 3, "v", "hybrid", 700)
+    assert (saved["preset"], saved["image_size"], saved["patch_size"], saved["prediction"], saved["loss"], saved["hybrid_t"],
+            saved["sampler"]) == ("panda48", 48, 3, "v", "hybrid", 700, "dpm2m")
+    flow = config.build_config({"preset": "panda48", "objective": "flow"})  # the preset's diffusion sampler gives way
+    assert config.resolve_sampler(flow) == "heun"
     seed = config.build_config({"preset": "seed"})
     assert seed.prediction == "eps" and seed.loss == "l1"  # the description's model stays as described
 
