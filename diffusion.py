@@ -1,4 +1,4 @@
-"""Gaussian diffusion with a linear (or cosine) beta schedule: noising, the training loss, DDPM and DDIM sampling;
+"""Gaussian diffusion with a linear (or cosine) beta schedule: noising, the training loss, DDPM, DDIM and DPM-Solver++(2M) sampling;
 and rectified flow (`Flow`, --objective flow) with Euler and Heun sampling, behind the same interface.
 
 Names follow Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): x_start = x_0, x_t, eps,
