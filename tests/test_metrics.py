@@ -3,6 +3,7 @@
 Sets are procedural pandas at 64 px (the size training measures at), 32 per set: a full
 three-level pyramid (64, 32, 16) in about a second per distance on one core.
 """
+import glob
 import math
 import os
 import random
@@ -137,15 +138,18 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path, capsys):
     run_train(tmp_path, data, "--max-steps", 4, *flags)
     run_train(tmp_path, data, "--max-steps", 6, *flags)  # resumed: best_swd must survive
     assert "4 samples vs 4 reference images" in capsys.readouterr().out
-    events = EventAccumulator(str(tmp_path / "dit_training" / "q"), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    swds = {e.step: e.value for e in events.Scalars("Quality/swd")}
+    # one accumulator per file: over the folder, tensorboard skips a file whose name sorts before the last one read
+    # (the resumed run's writer can end in .10 after the first's .9)
+    files = sorted(glob.glob(str(tmp_path / "dit_training" / "q" / "events.*")), key=os.path.getmtime)
+    runs = [EventAccumulator(f, size_guidance={"scalars": 0, "images": 0}).Reload() for f in files]
+    scalars = lambda tag: [e for acc in runs if tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]  # noqa: E731
+    swds = {e.step: e.value for e in scalars("Quality/swd")}
     assert sorted(swds) == [2, 4, 6] and all(math.isfinite(v) and v > 0 for v in swds.values())
-    assert {"Quality/swd_level_64", "Quality/swd_level_32", "Quality/swd_level_16"} <= set(events.Tags()["scalars"])
-    counts = [(e.value, r.value) for e, r in zip(events.Scalars("Quality/swd_n_samples"), events.Scalars("Quality/swd_n_reference"))]
+    assert all(scalars(f"Quality/swd_level_{px}") for px in (64, 32, 16))
+    counts = [(e.value, r.value) for e, r in zip(scalars("Quality/swd_n_samples"), scalars("Quality/swd_n_reference"))]
     assert counts == [(4.0, 4.0)] * 3  # both image counts beside every figure: 4 samples vs the 4 held-out images
-    assert "Quality/samples" in events.Tags()["images"]
-    assert events.Images("Quality/samples")[0].width == 2 * 130 + 2  # 4 samples of 16 px, enlarged to 128 px
+    assert "Quality/samples" in runs[0].Tags()["images"]
+    assert runs[0].Images("Quality/samples")[0].width == 2 * 130 + 2  # 4 samples of 16 px, enlarged to 128 px
     best = torch.load(tmp_path / "checkpoints" / "q" / "best.pt", weights_only=True)
     assert best["best_swd"] == pytest.approx(min(swds.values()), rel=1e-5)
     assert best["step"] == min(swds, key=swds.get) and "model" in best and "ema" in best
