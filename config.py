@@ -90,7 +90,8 @@ class Config:
     sample_every: int = knob(500, "steps between sample grids in TensorBoard (0 = off)")
     sample_n: int = knob(16, "images in the TensorBoard sample grid")
     sampler: str = knob("auto", "sampler of the TensorBoard samples, the SWD evaluation and sample.py's default: ddim, ddpm or dpm2m "
-                                "(DPM-Solver++ 2M: DDIM's cost, second order) for diffusion, euler or heun for flow (Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, heun for flow")
+                                "(DPM-Solver++ 2M: DDIM's cost, second order) for diffusion, euler or heun for flow "
+                                "(Heun: 2 * steps - 1 model calls); auto = ddim for diffusion, heun for flow")
     sample_spacing: float = knob(1.0, "how the sampler's steps are spread from pure noise to the image: at (1 - i / steps) ** spacing of the way; "
                                       "1 = evenly, 2 = denser near the clean image, where the finest detail is drawn (for the TensorBoard samples, "
                                       "the SWD evaluation and sample.py's default)")
