@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm2m", "euler", "heun"], default="",
                    help="diffusion checkpoints: ddpm (ancestral), ddim (deterministic with eta=0) or dpm2m (DPM-Solver++ 2M: "
                         "deterministic, second order, one model call a step); flow checkpoints (--objective flow): euler or heun "
-                        "(ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, dpm2m for panda48, heun for flow)")
+                        "(ODE, 1 or 2 model calls a step) (default: the checkpoint's --sampler: ddim, dpm2m for panda48 and cartoon48, heun for flow)")
     p.add_argument("--steps", type=int, default=0, help="denoising steps; 0 = max_t for ddpm, else 50 (default: 0)")
     p.add_argument("--spacing", type=float, default=0.0,
                    help="spread of the steps from noise to image: 1 = even, 2 = denser near the image, where the finest "

@@ -146,8 +146,8 @@ def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, caps
     to cartoon48 (x0-prediction, 6 px patches) for the procedural pandas, to panda256 with CUDA, and says so."""
     assert config.build_config({"data_dir": "photos"}, cuda_available=False).preset == "panda48"
     cartoon = config.build_config({}, cuda_available=False)
-    assert (cartoon.preset, cartoon.patch_size, cartoon.emb_dim, cartoon.num_heads, cartoon.prediction, cartoon.hybrid_t) == \
-        ("cartoon48", 6, 192, 6, "x0", 400)
+    assert (cartoon.preset, cartoon.patch_size, cartoon.emb_dim, cartoon.num_heads, cartoon.prediction, cartoon.hybrid_t,
+            cartoon.sampler) == ("cartoon48", 6, 192, 6, "x0", 400, "dpm2m")
     assert config.build_config({"preset": "auto"}, cuda_available=True).preset == "panda256"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_train(tmp_path / "work", image_dir, "--preset", "auto", "--max-steps", 0, "--num-workers", 0, "--no-log-graph")
