@@ -150,9 +150,9 @@ def main(argv=None):
     check_writable(out, fix="pass another --out")  # before minutes of sampling, not after
     frames, keep = [], set(torch.linspace(0, steps - 1, min(16, steps)).round().long().tolist())
     record = (lambda i, t, x, x0: frames.append((x[0].float().cpu(), x0[0].float().cpu())) if i in keep else None) if args.trajectory else None
-    dtype = precision(device, args.amp)[0]
+    chosen = precision(device, args.amp)[0]  # "bf16" or "fp32"
     t0 = time.time()
-    with autocast_for(device, dtype):
+    with autocast_for(device, chosen):
         images = generate(model, diffusion, cfg, args, steps, labels, device, record)
     seconds = time.time() - t0
     save_image(enlarge((images + 1) / 2), os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
@@ -162,7 +162,7 @@ def main(argv=None):
         save_image(trajectory_strip(frames), os.path.join(out, "trajectory.png"))
     spread = f", spacing {diffusion.spacing:g}" if diffusion.spacing != 1 else ""
     print(f"{args.n} images ({args.sampler}-{steps}{spread}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
-          f"step {state['step']}, {dtype}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
+          f"step {state['step']}, {chosen}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
 
 
 if __name__ == "__main__":
