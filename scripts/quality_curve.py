@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--noise-sets", type=int, default=1,
                    help="score this many sets of --n samples, each from other starting noise, and report their mean: "
                         "one set of 256 moves by ~1.5 with the noise alone (default: 1)")
+    p.add_argument("--reference", default="", metavar="DIR",
+                   help="score against the last --reference-holdout photos of DIR (sorted) instead of the run's own "
+                        "reference, e.g. the photos a scripts/layout_groups.py folder left out (default: the run's)")
+    p.add_argument("--reference-holdout", type=int, default=100, help="photos of --reference to score against (default: 100)")
     p.add_argument("--json", default="", help="append one JSON line per measurement here")
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="flags for train.py, after --")
     args = p.parse_args(argv)
@@ -49,6 +53,10 @@ def parse_args(argv=None):
     overrides, _ = parse_train_args(args.train_flags)
     if args.noise_sets < 1:
         p.error("--noise-sets must be at least 1")
+    if args.reference and not os.path.isdir(args.reference):
+        p.error(f"--reference folder '{args.reference}' not found")
+    if args.reference_holdout < 1:
+        p.error("--reference-holdout must be at least 1")
     if "run" not in overrides:
         p.error("pass --run NAME among the train.py flags, so the curve has its own run")
     cfg = build_config(overrides, torch.cuda.is_available())
@@ -60,17 +68,18 @@ def parse_args(argv=None):
 
 
 @torch.inference_mode()
-def measure(state, n, steps, noise_sets=1):
+def measure(state, n, steps, noise_sets=1, reference=None):
     """SWD of n EMA samples (on the GPU when there is one, in the run's precision; the noise is the same either way) against the
     run's reference photos; with noise_sets > 1, the mean over that many sets of n, each from other
     starting noise (seeds metrics.EVAL_NOISE_SEED + 0, 1, ...; the first is train.py's --eval-every noise),
-    with each set's mean under "sets". Returns it and the first set."""
+    with each set's mean under "sets"; reference = (folder, n) scores against its last n files instead.
+    Returns it and the first set."""
     device = pick_device("auto")
     cfg, model = load_model(state, use_ema=True, device=device)
     diffusion = make_diffusion(cfg, device)
     data_dir = cfg.data_dir or DEFAULT_DATA_DIR
     train_files = [f for f, _ in find_images(data_dir)[0]]
-    held_out = held_out_files(data_dir, cfg.holdout)
+    held_out = held_out_files(*reference) if reference else held_out_files(data_dir, cfg.holdout)
     y = torch.arange(n) % cfg.num_labels
     results, grid_seams, grid_faces = [], [], []
     reference_paths = tuple(metrics.reference_paths(held_out, train_files, n))
@@ -107,7 +116,8 @@ def main(argv=None):
         done = minutes
         state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()
-        result, fake = measure(state, args.n, args.steps, args.noise_sets)
+        reference = (args.reference, args.reference_holdout) if args.reference else None
+        result, fake = measure(state, args.n, args.steps, args.noise_sets, reference)
         grid = os.path.join(args.run_dir, f"swd_step_{state['step']:07d}.png")  # kept: pruning removes old step_*.pt
         save_image(enlarge((fake[:64] + 1) / 2), grid, nrow=8)
         levels = "/".join(f"{v:.1f}" for v in result["levels"])

@@ -45,10 +45,20 @@ def test_noise_sets_average_sets_of_other_noise_and_keep_the_single_measurement_
     assert f"sets {first:.1f} / {second:.1f}" in capsys.readouterr().out
 
 
+def test_reference_scores_against_another_folders_held_out_photos(tmp_path):
+    """--reference: a run trained on a layout_groups.py folder is scored against the photos that folder left out."""
+    photos = make_pandas(tmp_path / "photos", 5)
+    point, = curve(tmp_path, "--at-steps", "2", "--reference", photos, "--reference-holdout", "3")
+    assert point["n_real"] == 3  # the run's own: 4 (--n) of its 6 training pandas
+    state = quality_curve.load_checkpoint(str(tmp_path / "ck" / "c" / "latest.pt"))
+    assert quality_curve.measure(state, 4, 2)[0]["n_real"] == 4
+
+
 @pytest.mark.parametrize("points, flags, message", [
     (["2"], ["--preset", "tiny"], "pass --run NAME"),
     (["2", "4"], ["--preset", "tiny", "--run", "c", "--lr-schedule=cosine"], "--lr-schedule cosine decays over each increment"),
     (["2", "--noise-sets", "0"], ["--preset", "tiny", "--run", "c"], "--noise-sets must be at least 1"),
+    (["2", "--reference", "no/such/folder"], ["--preset", "tiny", "--run", "c"], "--reference folder 'no/such/folder' not found"),
 ])
 def test_refuses_flags_that_would_not_make_one_curve(points, flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,0 +1,51 @@
+"""scripts/layout_groups.py: photos split by their colour layout into label folders train.py reads; clear refusals."""
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import layout_groups  # noqa: E402
+from dataset import find_images  # noqa: E402
+
+
+def photos(folder):
+    """Three dark-top and three dark-bottom photos (with some noise, mixed sizes), a corrupt file and a held-out one."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h = 40 + 8 * i
+        a = rng.integers(150, 200, (h, 48, 3), dtype=np.uint8)
+        dark = slice(0, h // 2) if i % 2 == 0 else slice(h // 2, h)
+        a[dark] //= 6
+        Image.fromarray(a).save(folder / f"p{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (48, 48), "white").save(folder / "zz_held.png")  # last in sorted order
+    return folder
+
+
+def test_groups_follow_the_layout_and_train_py_reads_them(tmp_path, capsys):
+    src, out = photos(tmp_path / "src"), tmp_path / "groups"
+    layout_groups.main([str(src), str(out), "--groups", "2", "--holdout", "1", "--size", "16"])
+    files, classes = find_images(str(out))
+    assert classes == ["g00", "g01"]
+    names = {label: sorted(os.path.basename(f) for f, lab in files if lab == label) for label in (0, 1)}
+    assert sorted(names.values()) == [["p0.png", "p2.png", "p4.png"], ["p1.png", "p3.png", "p5.png"]]
+    assert all(os.path.islink(f) for f, _ in files)  # links by default: nothing copied
+    assert "broken.jpg" in capsys.readouterr().err  # skipped with a warning, as train.py does
+
+
+def test_copy_and_refusals(tmp_path):
+    src = photos(tmp_path / "src")
+    layout_groups.main([str(src), str(tmp_path / "copied"), "--groups", "3", "--copy", "--size", "16"])
+    copied = [f for f, _ in find_images(str(tmp_path / "copied"))[0]]
+    assert len(copied) == 7 and not any(os.path.islink(f) for f in copied)
+    with pytest.raises(SystemExit, match="not an empty folder"):  # never writes into an existing run of groups
+        layout_groups.main([str(src), str(tmp_path / "copied"), "--groups", "2"])
+    with pytest.raises(SystemExit, match="not found"):
+        layout_groups.main([str(tmp_path / "missing"), str(tmp_path / "o1")])
+    with pytest.raises(SystemExit, match="pass fewer --groups"):
+        layout_groups.main([str(src), str(tmp_path / "o2"), "--groups", "9"])
