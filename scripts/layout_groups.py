@@ -68,17 +68,17 @@ def kmeans(feat, k, seed=0, restarts=10, iters=100):
     return best
 
 
-def write_groups(paths, assign, out, copy=False):
-    """out/gNN/<name> for each photo; names made unique from their path below the source folder."""
+def write_groups(photos, assign, out, copy=False):
+    """out/gNN/<name> for each (path, name) photo; names are unique, made from the path below the source folder."""
     width = len(str(int(assign.max())))
-    for path, group in zip(paths, assign.tolist()):
+    for (path, name), group in zip(photos, assign.tolist()):
         folder = os.path.join(out, f"g{group:0{max(2, width)}d}")
         os.makedirs(folder, exist_ok=True)
-        dst = os.path.join(folder, path[1])
+        dst = os.path.join(folder, name)
         if copy:
-            shutil.copyfile(path[0], dst)
+            shutil.copyfile(path, dst)
         else:
-            os.symlink(os.path.abspath(path[0]), dst)
+            os.symlink(os.path.abspath(path), dst)
 
 
 def main(argv=None):
