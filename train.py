@@ -450,7 +450,7 @@ def loader_batches(loader, stopper):
             batch = next(it)
         except StopIteration:
             return
-        except RuntimeError as e:
+        except (RuntimeError, EOFError, ConnectionError) as e:
             if stopper.requested and worker_died(e):
                 return
             raise
@@ -458,8 +458,9 @@ def loader_batches(loader, stopper):
 
 
 def worker_died(error):
-    """The DataLoader's own error for a worker that exited or was killed (not one a worker's dataset raised)."""
-    return str(error).startswith("DataLoader worker (pid")
+    """The DataLoader's own error for a worker that exited or was killed (not one a worker's dataset raised), or a
+    batch's shared memory whose sending worker died mid-transfer (EOFError/ConnectionError from multiprocessing)."""
+    return isinstance(error, (EOFError, ConnectionError)) or str(error).startswith("DataLoader worker (pid")
 
 
 if __name__ == "__main__":

@@ -305,18 +305,20 @@ def test_ctrl_c_on_python_train_py_with_workers_saves_and_exits_0(sig, capsys):
 
 
 @pytest.mark.parametrize("requested", [False, True])
-def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising(requested):
-    """Dead loader workers (a SIGTERM to the group kills them too) must not cost the last save; before any stop
-    request the same failure is a real error and propagates."""
+@pytest.mark.parametrize("error", [RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly"), EOFError()],
+                         ids=["worker-exited", "died-mid-batch"])
+def test_a_loader_failing_after_a_stop_request_ends_the_epoch_instead_of_raising(requested, error):
+    """Dead loader workers (a SIGTERM to the group kills them too; one killed while handing over a batch leaves the
+    trainer an EOFError) must not cost the last save; before any stop request the same failure is real and propagates."""
     def dying_loader():
         yield "batch 0"
-        raise RuntimeError("DataLoader worker (pid(s) 1) exited unexpectedly")
+        raise error
 
     stopper = types.SimpleNamespace(requested=requested)
     if requested:
         assert list(train.loader_batches(dying_loader(), stopper)) == ["batch 0"]
     else:
-        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        with pytest.raises(type(error)):
             list(train.loader_batches(dying_loader(), stopper))
 
 
