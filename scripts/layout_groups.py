@@ -57,15 +57,18 @@ def kmeans(feat, k, seed=0, restarts=10, iters=100):
         g = torch.Generator().manual_seed(seed * 1000 + r)
         centres = feat[torch.randperm(len(feat), generator=g)[:k]].clone()
         for _ in range(iters):
-            assign = torch.cdist(feat, centres).argmin(1)
-            moved = torch.stack([feat[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+            dist = torch.cdist(feat, centres)
+            assign = dist.argmin(1)
+            # an empty group takes the photo farthest from its centre, so k groups come back wherever k layouts differ
+            far = dist.gather(1, assign[:, None])[:, 0].argsort(descending=True).tolist()
+            moved = torch.stack([feat[assign == j].mean(0) if (assign == j).any() else feat[far.pop(0)] for j in range(k)])
             if torch.equal(moved, centres):
                 break
             centres = moved
         inertia = float(((feat - centres[assign]) ** 2).sum())
         if inertia < best_inertia:
             best_inertia, best = inertia, assign
-    return best
+    return torch.unique(best, return_inverse=True)[1]  # numbered 0.. without gaps, even if identical photos left one empty
 
 
 def write_groups(photos, assign, out, copy=False):
@@ -104,8 +107,9 @@ def main(argv=None):
         raise SystemExit(f"error: {len(kept)} usable photo(s) in '{args.src}' for {args.groups} groups; pass fewer --groups")
     assign = kmeans(layout_features(np.stack(images)), args.groups, args.seed)
     write_groups(kept, assign, args.out, args.copy)
-    sizes = torch.bincount(assign, minlength=args.groups).tolist()
-    print(f"{len(kept)} photos in {args.groups} groups of {min(sizes)}-{max(sizes)} in {args.out}; train with "
+    sizes = torch.bincount(assign).tolist()
+    fewer = f" (only {len(sizes)} different layouts among them)" if len(sizes) < args.groups else ""
+    print(f"{len(kept)} photos in {len(sizes)} groups of {min(sizes)}-{max(sizes)} in {args.out}{fewer}; train with "
           f"python train.py --data-dir {args.out} --label-dropout 0.1")
 
 

@@ -49,3 +49,15 @@ def test_copy_and_refusals(tmp_path):
         layout_groups.main([str(tmp_path / "missing"), str(tmp_path / "o1")])
     with pytest.raises(SystemExit, match="pass fewer --groups"):
         layout_groups.main([str(src), str(tmp_path / "o2"), "--groups", "9"])
+
+
+def test_identical_photos_give_fewer_groups_numbered_without_gaps(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):  # only two different pictures, so three groups cannot all be filled
+        Image.new("RGB", (32, 32), "black" if i % 2 else "white").save(src / f"p{i}.png")
+    layout_groups.main([str(src), str(tmp_path / "out"), "--groups", "3", "--size", "16"])
+    files, classes = find_images(str(tmp_path / "out"))
+    assert classes == ["g00", "g01"]  # train.py's labels are the folders: no empty label between them
+    assert sorted(lab for _, lab in files) == [0, 0, 0, 1, 1, 1]
+    assert "in 2 groups of 3-3" in capsys.readouterr().out
