@@ -1,7 +1,7 @@
 """Labels for an unlabelled photo folder from the photos' own layout: k-means of their coarse colour layout.
 
     python scripts/layout_groups.py PHOTOS groups --groups 16 --holdout 100
-    python train.py --preset panda48 --data-dir groups --label-dropout 0.1
+    python train.py --preset panda48 --data-dir groups
 
 Each photo is reduced to its 8 x 8 mean colours at --size px (centre crop, as training sees it), averaged with its
 mirror image (training flips photos), and the photos are split into --groups groups by k-means (10 restarts,
@@ -110,7 +110,7 @@ def main(argv=None):
     sizes = torch.bincount(assign).tolist()
     fewer = f" (only {len(sizes)} different layouts among them)" if len(sizes) < args.groups else ""
     print(f"{len(kept)} photos in {len(sizes)} groups of {min(sizes)}-{max(sizes)} in {args.out}{fewer}; train with "
-          f"python train.py --data-dir {args.out} --label-dropout 0.1")
+          f"python train.py --data-dir {args.out}")
 
 
 if __name__ == "__main__":
