@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import functools
 import os
+import platform
 import random
 import signal
 import threading
@@ -74,6 +75,8 @@ def precision(device, amp):
     if device.type != "cpu":
         return "fp32", f"no bf16 autocast on {device.type}"
     speedup = cpu_bf16_speedup()
+    if speedup is None:
+        return "fp32", f"no bf16 units on this CPU ({torch.backends.cpu.get_cpu_capability()}; bf16 would be emulated)"
     if speedup >= CPU_BF16_MIN_SPEEDUP:
         return "bf16", f"bf16 matmuls {speedup:.1f}x as fast as fp32 on this CPU"
     return "fp32", f"bf16 matmuls only {speedup:.1f}x as fast as fp32 on this CPU (bf16 needs {CPU_BF16_MIN_SPEEDUP:g}x)"
@@ -81,11 +84,16 @@ def precision(device, amp):
 
 # A training step gains far less than its matmuls (casts and element-wise work stay), so only a clear win counts.
 CPU_BF16_MIN_SPEEDUP = 2.0
+X86 = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of an x86 CPU, lower-cased
 
 
 @functools.cache
 def cpu_bf16_speedup(n=1024, repeats=4):
-    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats` after a warm-up pass)."""
+    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats` after a warm-up pass), or None,
+    timing nothing, on an x86 CPU without AVX512: bf16 units (AVX512-BF16, AMX) come only with it, and without
+    them bf16 is emulated so slowly that timing it took ~20 s at every start on an AVX2 CPU."""
+    if platform.machine().lower() in X86 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return None
     best = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # twice: the first pass warms up
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

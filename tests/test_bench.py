@@ -116,3 +116,23 @@ def test_main_prints_a_row_per_precision(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "train.py's precision here:" in out and "train img/s, fp32" in out and "train img/s, bf16" in out
     assert "train speed bf16 / fp32" in out
+
+
+def test_matmul_peak_stops_at_a_product_slower_than_its_budget(monkeypatch):
+    """Emulated bf16 (an AVX2 CPU: ~2 s per 1024 x 1024 product) is timed once, not three times at two sizes
+    (minutes per bench run and per test); fast products still take the best of several, both sizes."""
+    now, sizes = [0.0], []
+
+    def fake_mm(a, b, seconds):
+        sizes.append(a.shape[0])
+        now[0] += seconds * (a.shape[0] / 1024) ** 3
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench.torch, "randn", lambda n, m, **kw: torch.empty(n, 0))
+    monkeypatch.setattr(bench.torch, "mm", lambda a, b: fake_mm(a, b, 2.0))
+    assert bench.matmul_peak(torch.device("cpu"), seconds=0.5) == pytest.approx(2 * 1024 ** 3 / 2.0)
+    assert sizes == [1024, 1024]  # a warm-up and one timed product
+    sizes.clear()
+    monkeypatch.setattr(bench.torch, "mm", lambda a, b: fake_mm(a, b, 0.01))
+    bench.matmul_peak(torch.device("cpu"), seconds=0.5)
+    assert sizes.count(1024) > 3 and sizes.count(2048) > 3

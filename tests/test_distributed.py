@@ -36,11 +36,33 @@ def test_cuda_trains_in_bf16_unless_no_amp_or_no_bf16(monkeypatch):
     assert distributed.precision(torch.device("cuda", 0), True)[0] == "fp32"
 
 
-def test_bf16_probe_times_both_precisions():
+def test_bf16_probe_times_both_precisions(monkeypatch):
     """A positive ratio of two real timings (its value depends on the CPU, so only its sanity is checked)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # probed on any CPU
     distributed.cpu_bf16_speedup.cache_clear()
     speedup = distributed.cpu_bf16_speedup(n=64, repeats=2)
+    distributed.cpu_bf16_speedup.cache_clear()
     assert math.isfinite(speedup) and speedup > 0
+
+
+@pytest.mark.parametrize("machine, capability, probed", [("x86_64", "AVX2", False), ("AMD64", "DEFAULT", False),
+                                                         ("x86_64", "AVX512", True), ("aarch64", "DEFAULT", True)])
+def test_bf16_probe_skipped_on_x86_without_avx512(monkeypatch, machine, capability, probed):
+    """No bf16 units on an x86 CPU without AVX512: fp32 at once, no bf16 matmul timed (~20 s on an AVX2 CPU);
+    x86 with AVX512 (bf16 units or not) and other CPUs are timed."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(distributed.platform, "machine", lambda: machine)
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(1) or mm(*a))
+    distributed.cpu_bf16_speedup.cache_clear()
+    try:
+        speedup = distributed.cpu_bf16_speedup(n=64, repeats=1)
+        assert bool(calls) == probed and (speedup is None) == (not probed)
+        if not probed:
+            why = f"no bf16 units on this CPU ({capability}; bf16 would be emulated)"
+            assert distributed.precision(torch.device("cpu"), True) == ("fp32", why)
+    finally:
+        distributed.cpu_bf16_speedup.cache_clear()
 
 
 def test_autocast_for_runs_matmuls_in_the_chosen_precision():
