@@ -1,7 +1,7 @@
 """How fast is it, and how far from the hardware? Training, sampling and data loading, measured.
 
     python bench.py                         # full bench: minutes on a CPU (docs/results.md, "Speed")
-    python bench.py --quick                 # sub-minute check (small batches, extrapolated sampling)
+    python bench.py --quick                 # a quick check (small batches, extrapolated sampling; ~2 min on 2 cores)
     python bench.py --presets panda64 --json bench.json
     python bench.py --device cuda --compile
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help=f"comma-separated presets ({', '.join(PRESETS)}); presets with the same architecture are "
                         "measured once, at the smallest of their batch sizes (default: seed,panda256,panda64)")
     p.add_argument("--quick", action="store_true",
-                   help="sub-minute check: 1/4 batches, one measured step, sampling extrapolated, 64 data images")
+                   help="quick check (~2 minutes on 2 CPU cores): 1/4 batches, one measured step, sampling extrapolated, 64 data images")
     p.add_argument("--json", default="", metavar="PATH", help="also write every figure to this JSON file")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models being trained (extra warm-up)")
