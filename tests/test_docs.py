@@ -21,14 +21,14 @@ def read(path):
 
 def commands(path, script):
     """The argument lists of every command in `path` that runs `python <script>`: indented lines and `code`."""
-    out = []
-    for line in read(path).replace("\\\n", " ").splitlines():  # continued lines joined
+    out, text = [], read(path)
+    for line in text.replace("\\\n", " ").splitlines():  # continued lines joined
         line = line.split(" #")[0].strip() if line.startswith("    ") else ""
         for part in line.split("&&"):
             words = shlex.split(part)
             if words[:2] == ["python", script]:
                 out.append(words[2:])
-    for span in re.findall(r"`python " + re.escape(script) + r"([^`]*)`", read(path)):  # inline ones too
+    for span in re.findall(r"`python " + re.escape(script) + r"([^`]*)`", text):  # inline ones too
         if "--help" not in span:
             out.append(shlex.split(span))
     return out
