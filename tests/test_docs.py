@@ -2,6 +2,7 @@
 relative link and section anchor in README.md and docs/*.md leads somewhere."""
 import glob
 import os
+import functools
 import re
 import shlex
 
@@ -37,6 +38,12 @@ def commands(path, script):
 def slug(heading):
     """GitHub's anchor for a heading: lower case, punctuation other than '-' and '_' dropped, spaces to '-'."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@functools.lru_cache(maxsize=None)
+def anchors(path):
+    """The anchors of a Markdown file's headings, read once however many links point into it."""
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", read(path), re.M)}
 
 
 def check_parse(path, script, parse):
@@ -87,6 +94,6 @@ def test_links_resolve(path):
         if not os.path.exists(dest):
             broken.append(target)
         elif anchor and dest.endswith(".md"):
-            if anchor not in {slug(h) for h in re.findall(r"^#+ (.+)$", read(dest), re.M)}:
+            if anchor not in anchors(dest):
                 broken.append(target)
     assert not broken, f"{os.path.relpath(path, ROOT)}: links that lead nowhere: {broken}"
