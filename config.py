@@ -180,15 +180,19 @@ ALIASES = {"run": ("--run-name",)}
 
 
 def parse_train_args(argv=None):
-    """train.py's command line -> (explicit overrides as a dict, --fresh)."""
+    """train.py's command line -> (explicit overrides as a dict, the actions: .fresh, .print_config)."""
     parser = argparse.ArgumentParser(description="Train a Diffusion Transformer on a folder of panda pictures.",
-                                     epilog=f"Defaults shown are Config's; the preset ({', '.join(PRESETS)}) overrides many of them (see README.md).")
+                                     epilog=f"Defaults shown are Config's; the preset ({', '.join(PRESETS)}) overrides many of "
+                                            "them (see README.md); --print-config shows the values a command would use.")
     add_config_flags(parser)
     parser.add_argument("--fresh", action="store_true",
                         help="start over: existing checkpoints and logs of this run are moved aside, not deleted")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the settings this command would train with (defaults <- preset <- the run's checkpoint "
+                             "when resuming <- flags) as JSON and exit, writing nothing; num_labels is set from the data at start")
     args = vars(parser.parse_args(argv))
-    fresh = args.pop("fresh")
-    return args, fresh
+    actions = argparse.Namespace(fresh=args.pop("fresh"), print_config=args.pop("print_config"))
+    return args, actions
 
 
 def build_config(overrides, cuda_available=False):

@@ -324,8 +324,20 @@ def save_best(run, progress):
 # main
 
 
+def print_config(overrides, fresh):
+    """--print-config: the settings a command would train with, as JSON; nothing is written or moved."""
+    try:
+        cfg = build_config(overrides, torch.cuda.is_available()) if fresh else resolve_config(overrides, False, 0)[0]
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps(vars(cfg), indent=2))
+
+
 def main(argv=None):
-    overrides, fresh = parse_train_args(argv)
+    overrides, actions = parse_train_args(argv)
+    if actions.print_config:
+        return print_config(overrides, actions.fresh)
+    fresh = actions.fresh
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"), overrides.get("dist_timeout", 10.0))
     run = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
     created, started = [], False  # run folders this call made: removed again if it fails before training

@@ -97,6 +97,27 @@ def test_resume_continues_steps(resumed_run):
     assert merged == list(range(5, SECOND + 1, 5))
 
 
+def test_print_config_shows_what_would_run_and_writes_nothing(resumed_run, tmp_path, capsys):
+    """--print-config prints the settings the command would train with: a resume's checkpoint values under the
+    flags, with --fresh the preset's; it makes, moves or fills no folder."""
+    work, _ = resumed_run
+    before = {d: sorted(os.listdir(work / d)) for d in ("checkpoints", "checkpoints/tiny", "dit_training")}
+    capsys.readouterr()
+
+    def shown(workdir, *flags):
+        run_train(workdir, tmp_path / "no_data", "--print-config", *flags)
+        out = capsys.readouterr().out
+        return json.loads(out[out.index("{"):])  # after the "resuming ..." line, if any
+
+    resumed = shown(work, "--lr", "0.5")
+    assert (resumed["max_steps"], resumed["ckpt_every"], resumed["lr"]) == (SECOND, 10, 0.5)  # checkpoint, then flag
+    fresh = shown(work, "--fresh")
+    assert (fresh["max_steps"], fresh["ckpt_every"]) == (50, 25)  # the tiny preset's
+    assert before == {d: sorted(os.listdir(work / d)) for d in before}
+    assert shown(tmp_path / "new")["preset"] == "tiny"
+    assert os.listdir(tmp_path / "new") == [] and not (tmp_path / "no_data").exists()
+
+
 def test_tensorboard_drops_what_a_crash_logged_after_the_checkpoint(tmp_path):
     """A run that crashed at step 30 after its last checkpoint at 0 (none yet) restarts at 0: the plot shows
     the new steps 1..10 once, not the crashed run's 1..30 folded under them."""
@@ -169,8 +190,9 @@ def test_every_config_field_is_a_flag(capsys):
     text = capsys.readouterr().out
     for f in dataclasses.fields(config.Config):
         assert "--" + f.name.replace("_", "-") in text, f.name
-    overrides, fresh = config.parse_train_args(["--image-size", "32", "--no-hflip", "--lr", "0.5", "--loss", "mse", "--fresh"])
-    assert overrides == {"image_size": 32, "hflip": False, "lr": 0.5, "loss": "mse"} and fresh
+    overrides, actions = config.parse_train_args(["--image-size", "32", "--no-hflip", "--lr", "0.5", "--loss", "mse", "--fresh"])
+    assert overrides == {"image_size": 32, "hflip": False, "lr": 0.5, "loss": "mse"} and actions.fresh
+    assert not actions.print_config
     cfg = config.build_config({**overrides, "preset": "tiny"})
     assert (cfg.image_size, cfg.hflip, cfg.lr, cfg.loss, cfg.depth) == (32, False, 0.5, "mse", 2)
 
