@@ -1,5 +1,6 @@
-"""dataset.py: the hold-out split (the cache and loader are exercised in test_robustness.py and test_train.py)."""
+"""dataset.py: the hold-out split, flips (the cache and loader are exercised in test_robustness.py and test_train.py)."""
 import pytest
+import torch
 
 import dataset
 
@@ -12,3 +13,15 @@ def test_holdout_split_is_the_last_sorted_files():
     assert dataset.holdout_split([f for f, _ in files], 0) == ([f for f, _ in files], [])
     with pytest.raises(dataset.DataError, match="holdout"):
         dataset.holdout_split(files, 5)
+
+
+def test_flips_mirror_left_to_right_and_only_with_hflip():
+    """An item drawn with flip=True is its image mirrored left-right; EpochBatches draws flips for about half
+    the items with hflip, none without."""
+    cache = dataset.ImageCache.__new__(dataset.ImageCache)  # the item access alone, without a folder to decode
+    cache.images = torch.randint(0, 256, (1, 6, 5, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cache.labels = torch.zeros(1, dtype=torch.long)
+    plain, mirrored = cache[(0, False)][0], cache[(0, True)][0]
+    assert torch.equal(plain, cache.images[0].permute(2, 0, 1)) and torch.equal(mirrored, plain.flip(-1))
+    assert not any(dataset.EpochBatches(200, 5, 0, hflip=False).order(0)[1])
+    assert 0.35 < sum(dataset.EpochBatches(200, 5, 0, hflip=True).order(0)[1]) / 200 < 0.65

@@ -367,6 +367,27 @@ def test_dpm2m_follows_the_ode_closer_than_ddim(spacing):
         assert dpm2m * 3 < ddim, (steps, float(dpm2m), float(ddim))
 
 
+def test_dpm2m_extrapolates_every_step_but_the_one_to_the_clean_image():
+    """A step into t = 0 after a longer one is extrapolated, (1 + 1/2r) x_0 - (1/2r) x_0,prev with r the ratio of
+    the steps' lengths in log-SNR; only the last step (t_prev = -1) and a first step (no previous one) take x_0 as is."""
+    d = Diffusion(1000)
+    lam = [0.5 * math.log(a / (1 - a)) for a in d.alphas_cumprod_64[:3].tolist()]
+    r = (lam[1] - lam[2]) / (lam[0] - lam[1])
+    now, before = torch.ones(1), (2, torch.zeros(1))
+    assert d.dpm2m_start(now, 1, 0, before).item() == pytest.approx(1 + 0.5 / r) and r > 0.5
+    assert d.dpm2m_start(now, 0, -1, (1, torch.zeros(1))) is now
+    assert d.dpm2m_start(now, 1, 0, None) is now
+
+
+def test_x0_prediction_converts_back_to_the_noise_that_made_x_t():
+    """to_eps of an x_0 model's exact output is the noise in x_t, at any t."""
+    d = Diffusion(1000, prediction="x0")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([100, 500, 900])
+    assert torch.allclose(d.to_eps(x0, d.q_sample(x0, t, noise), t), noise, atol=1e-4)
+
+
 def test_min_snr_weighting_matches_the_formula():
     """Min-SNR-gamma scales each sample's loss by min(SNR_t, gamma) / SNR_t; gamma = 0 is the plain loss."""
     x0, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)

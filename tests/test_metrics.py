@@ -354,6 +354,30 @@ def test_cartoon_faces_pass_every_drawn_panda_and_no_blocks_or_noise():
     assert metrics.faces_against(real, metrics.cartoon_faces(noise)) is None
 
 
+def test_cartoon_face_needs_four_dark_parts_on_the_outline():
+    """A white disk with two dark eye spots is a face only once four dark parts sit on its rim (ears, arms, legs):
+    with three or fewer it is not."""
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+
+    def face(parts):
+        img = torch.full((3, 48, 48), 128, dtype=torch.uint8)  # a grey background
+        img[:, (yy - 24) ** 2 + (xx - 24) ** 2 <= 15 ** 2] = 240  # the white head-and-body
+        for y, x in [(20, 18), (20, 28)]:  # the eye patches, inside it
+            img[:, y:y + 3, x:x + 3] = 20
+        for y, x in parts:  # dark 4 x 4 squares across the rim
+            img[:, y - 2:y + 2, x - 2:x + 2] = 20
+        return img
+
+    rim = [(9, 24), (39, 24), (24, 9), (24, 39)]
+    assert [metrics.cartoon_face(face(rim[:k])) for k in range(5)] == [False, False, False, False, True]
+
+
+def test_swd_of_a_known_shift_is_that_shift():
+    """One-dimensional sets shifted by 0.5: every unit direction is +-1, so the distance is exactly 0.5."""
+    a = torch.randn(200, 1, generator=torch.Generator().manual_seed(1))
+    assert metrics.sliced_wasserstein(a, a + 0.5, torch.Generator().manual_seed(0)) == pytest.approx(0.5, rel=1e-5)
+
+
 def test_training_on_the_cartoons_logs_faces_and_seams(tmp_path, capsys):
     """--eval-every on the procedural pandas also logs Quality/faces (and, on any data, Quality/seams)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

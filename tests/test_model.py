@@ -62,6 +62,8 @@ def test_adaln_zero_starts_as_zero_output_and_identity_blocks():
     model = tiny_dit(adaln_zero=True)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 70]), torch.zeros(2, dtype=torch.long)
     assert torch.equal(model(x, t, y), torch.zeros_like(x))
+    for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1]]:
+        assert not layer.weight.any() and not layer.bias.any()  # every modulation starts at zero, the output's too
     h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     for block in model.blocks:
         assert torch.equal(block(h, c), h)

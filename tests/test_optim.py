@@ -80,6 +80,19 @@ def test_gradient_clipping_and_grad_clip_zero_turns_it_off(tiny_cfg):
     assert untouched == pytest.approx(raw, rel=1e-5)
 
 
+def test_a_non_finite_gradient_skips_the_update_even_when_the_loss_is_finite(tiny_cfg):
+    """An inf in one gradient (the loss itself finite) is reported as a skipped step and changes no weight."""
+    torch.manual_seed(0)
+    model = DiT.from_config(tiny_cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.final_layer.linear.bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.zeros(4, dtype=torch.long)
+    out = optim.train_step(model, optimizer, make_diffusion(tiny_cfg), x, y, 1e-2, tiny_cfg, contextlib.nullcontext())
+    assert torch.isfinite(out["loss"]) and not out["finite"]
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 def test_cosine_lr_decays_over_whichever_budget_ends_first():
     """Warm-up is linear; cosine reaches 10% at --max-steps, or at the end of --max-minutes if that comes first."""
     cfg = config.build_config({"preset": "tiny", "lr": 1.0, "warmup_steps": 10, "max_steps": 110, "lr_schedule": "cosine"})

@@ -396,11 +396,11 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start():
 
 def test_retention_keeps_the_last_k_and_the_milestones():
     """keep_last newest step files survive, plus every milestone_every-th step; latest.pt is the newest."""
-    for step in range(1, 13):
+    for step in range(1, 14):
         save_checkpoint({"model": {"w": torch.full((2,), float(step))}, "config": {}, "step": step}, "r",
                         keep_last=2, milestone_every=5)
-    assert [s for s, _ in step_files("r")] == [12, 11, 10, 5]
-    assert filecmp.cmp(os.path.join("r", "latest.pt"), os.path.join("r", "step_0000012.pt"), shallow=False)
+    assert [s for s, _ in step_files("r")] == [13, 12, 10, 5]  # 11 pruned: not among the last 2, no milestone
+    assert filecmp.cmp(os.path.join("r", "latest.pt"), os.path.join("r", "step_0000013.pt"), shallow=False)
     assert temp_files("r") == []
 
 
