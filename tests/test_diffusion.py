@@ -388,6 +388,15 @@ def test_x0_prediction_converts_back_to_the_noise_that_made_x_t():
     assert torch.allclose(d.to_eps(x0, d.q_sample(x0, t, noise), t), noise, atol=1e-4)
 
 
+def test_each_batch_of_a_seeded_ancestral_sampling_draws_its_own_noise():
+    """sample_batches seeds each batch's generator by its first index: two batches that start from the same
+    x_T do not repeat each other's ancestral noise."""
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # images 0 and 2 alike
+    out = Diffusion(1000).sample_batches(lambda x, t, y: torch.zeros_like(x), noise, torch.zeros(4, dtype=torch.long),
+                                         2, "cpu", "ddpm", 5, seed=0)
+    assert not torch.allclose(out[0], out[2])
+
+
 def test_min_snr_weighting_matches_the_formula():
     """Min-SNR-gamma scales each sample's loss by min(SNR_t, gamma) / SNR_t; gamma = 0 is the plain loss."""
     x0, y = torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)

@@ -18,6 +18,19 @@ def test_bad_device_is_a_clear_error(monkeypatch):
     assert distributed.select_device("auto", 0, True) == torch.device("cpu")
 
 
+def test_tf32_matmuls_on_cuda_only_with_amp(monkeypatch):
+    """select_device turns TF32 matmuls on for a CUDA device with amp and off with --no-amp (true fp32)."""
+    for name, fn in (("is_available", lambda: True), ("device_count", lambda: 1), ("set_device", lambda d: None)):
+        monkeypatch.setattr(torch.cuda, name, fn)  # a pretend GPU: only the flags are looked at
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for amp in (True, False):
+            distributed.select_device("cuda", 0, amp)
+            assert torch.backends.cuda.matmul.allow_tf32 is amp and torch.backends.cudnn.allow_tf32 is amp
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.mark.parametrize("speedup, expected", [(3.0, "bf16"), (1.3, "fp32"), (0.4, "fp32")])
 def test_cpu_precision_follows_the_bf16_probe(monkeypatch, speedup, expected):
     """bf16 autocast on a CPU only where its bf16 matmuls are clearly faster (AVX512-BF16/AMX: 3-4x; AVX2: ~0.4x)."""

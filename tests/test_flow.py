@@ -85,13 +85,18 @@ def oracle(x0, prediction="v"):
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 @pytest.mark.parametrize("clip", [True, False])
 def test_oracle_recovers_x0_from_noise(sampler, steps, prediction, clip):
-    """On the straight path, Euler and Heun land on x_0 exactly from pure noise, even Euler in one step."""
+    """On the straight path, Euler and Heun land on x_0 exactly from pure noise, even Euler in one step, and the
+    x_0 each step predicts (what the callback and --trajectory show) is x_0 all along."""
     g = torch.Generator().manual_seed(1)
     x0 = torch.rand(3, 3, 8, 8, generator=g) * 1.8 - 0.9
     noise = torch.randn(3, 3, 8, 8, generator=g)
+    seen = []
     out = Flow(T, prediction=prediction).sample(oracle(x0, prediction), noise, torch.zeros(3, dtype=torch.long),
-                                                 sampler, steps, clip=clip)
+                                                 sampler, steps, clip=clip, callback=lambda i, t, x, x_start: seen.append(x_start))
     close(out, x0, tol=1e-5)
+    assert len(seen) == steps
+    for x_start in seen:
+        close(x_start, x0, tol=1e-5)
 
 
 def test_spaced_times_crowd_near_the_image_and_the_oracle_still_lands_on_x0():

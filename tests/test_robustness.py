@@ -14,6 +14,7 @@ real `python train.py`.
 """
 import errno
 import filecmp
+import glob
 import multiprocessing
 import os
 import pickle
@@ -214,8 +215,11 @@ def test_sigint_mid_epoch_then_resume_is_exact_and_tensorboard_continues(straigh
     run()
     assert resumed_at(capsys.readouterr().out) == ("step_0000007.pt", 7)
     assert_same_training_state(latest(), straight)
-    events = EventAccumulator(os.path.join("tb", "tiny")).Reload()
-    assert sorted(e.step for e in events.Scalars("Loss/batch")) == [5, 10]  # the resumed run logged 10, not 5 again
+    # one reader per file: over the folder, tensorboard skips a file whose name sorts before the last one read, and
+    # two writers of one process within one second differ only in a counter (.10 sorts before .9)
+    readers = [EventAccumulator(f).Reload() for f in glob.glob(os.path.join("tb", "tiny", "events.*"))]
+    steps = [e.step for r in readers if "Loss/batch" in r.Tags()["scalars"] for e in r.Scalars("Loss/batch")]
+    assert sorted(steps) == [5, 10]  # the resumed run logged 10, not 5 again
 
 
 def test_sigterm_while_waiting_for_a_batch_that_never_comes_saves_the_last_step(straight, monkeypatch, capsys):
@@ -392,6 +396,15 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start():
     assert str(e.value) == ("error: no readable checkpoint in 'ck/tiny' (step_0000006.pt, latest.pt, step_0000003.pt: see the "
                             "warnings above); use --fresh to start over (the old files are kept aside) or another --run name")
     assert sorted(os.listdir(RUN_DIR)) == before
+
+
+def test_a_file_without_model_or_config_is_not_a_checkpoint():
+    """A torch file that lacks the model or the config is refused in one line (so a resume skips it for an older
+    readable one), not a KeyError later."""
+    for state in ({"model": {}, "step": 0}, {"config": {}, "step": 0}, [1, 2]):
+        torch.save(state, "x.pt")
+        with pytest.raises(CheckpointError, match=r"^'x.pt' is not a checkpoint written by this project's train.py"):
+            load_checkpoint("x.pt")
 
 
 def test_retention_keeps_the_last_k_and_the_milestones():
@@ -836,6 +849,24 @@ def test_unwritable_cache_folder_is_a_clear_error():
         ImageCache("imgs", 16, os.path.join("blocker", "cache"))
     assert str(e.value) == ("cannot create the image cache folder 'blocker/cache' (Not a directory); "
                             "pass another --cache-dir")
+
+
+def test_cache_is_rebuilt_when_an_image_changes_but_not_its_size():
+    """The cache key holds each file's modification time: an image rewritten at the same byte size is decoded anew."""
+    os.makedirs("d")
+    path = os.path.join("d", "a.bmp")
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(path)
+    assert ImageCache("d", 16, "c")[(0, False)][0][:, 8, 8].tolist() == [255, 0, 0]
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(path)  # a BMP: the same byte size
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert ImageCache("d", 16, "c")[(0, False)][0][:, 8, 8].tolist() == [0, 0, 255]
+
+
+def test_generated_pandas_all_differ():
+    """Each procedural panda is drawn from its own seed: no two files are the same."""
+    dataset.generate_pandas("data", 3, size=32)
+    assert len({open(os.path.join("data", f), "rb").read() for f in os.listdir("data")}) == 3
 
 
 def test_signal_handlers_are_given_back_after_training():

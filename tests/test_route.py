@@ -96,6 +96,7 @@ def test_routed_tokens_skip_the_middle_blocks_and_kept_ones_pass_them():
     assert torch.equal(rejoined.gather(1, idx[..., None].expand_as(after)), after)
     assert not torch.equal(after, before.gather(1, idx[..., None].expand_as(after)))  # the middle blocks did work
     assert len({tuple(sorted(row.tolist())) for row in idx}) == len(idx)  # a different subset per image
+    assert all(len(set(row.tolist())) == idx.shape[1] for row in idx)  # K distinct positions in each
     model(x, t, y)
     assert not torch.equal(kept_positions(seen["in"][1], seen["out"][0]).sort(1).values, idx.sort(1).values)
 

@@ -1,4 +1,6 @@
 """The trainer end to end on a tiny run: files, TensorBoard tags, resume, errors, flags; and a tiny model overfits."""
+import types
+import time
 import dataclasses
 import glob
 import json
@@ -162,6 +164,20 @@ def test_failed_start_keeps_folders_it_did_not_make(tmp_path):
     assert os.listdir(tmp_path / "work" / "checkpoints") == ["tiny"]
 
 
+def test_max_minutes_counts_minutes(tmp_path, monkeypatch):
+    """--max-minutes 1 stops and saves at the first step past sixty seconds of the clock (here 20 s a step)."""
+    clock, real_account = [0.0], train.account
+
+    def account(run, progress, out):
+        real_account(run, progress, out)
+        clock[0] += 20.0
+
+    monkeypatch.setattr(train, "account", account)
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0], strftime=time.strftime))
+    ckpts = run_train(tmp_path, make_pandas(tmp_path / "pandas", 4), "--max-minutes", 1, "--no-log-graph")
+    assert torch.load(os.path.join(ckpts, "tiny", "latest.pt"), weights_only=True)["step"] == 4  # 80 s > 60 s
+
+
 def test_auto_preset_picks_panda48_on_cpu(tmp_path, image_dir, monkeypatch, capsys):
     """--preset auto resolves to panda48 (v-prediction, the hybrid L1/MSE loss) without CUDA for a --data-dir,
     to cartoon48 (x0-prediction, 6 px patches) for the procedural pandas, to panda256 with CUDA, and says so."""
@@ -260,7 +276,7 @@ def test_tiny_model_overfits_four_images():
                                           ("ema_gamma", -1.0), ("hybrid_t", 1001), ("loss", "huber"), ("prediction", "score"),
                                           ("noise_schedule", "quadratic"), ("optimizer", "sgd"), ("lr_schedule", "step"),
                                           ("mlp_act", "silu"), ("sample_steps", 0), ("lr", 0.0), ("mlp_ratio", 0.0),
-                                          ("ema_decay", 1.0), ("in_channels", 1)])
+                                          ("ema_decay", 1.0), ("in_channels", 1), ("label_dropout", 1.0)])
 def test_out_of_range_settings_are_one_clear_error(field, value):
     """A zero interval, a negative warm-up or an unknown choice stops at the start with the field named, not a crash mid-run."""
     with pytest.raises(SystemExit) as e:
