@@ -40,6 +40,9 @@ def resumed_run(tmp_path_factory):
     ckpt_dir = os.path.join(work, "checkpoints", "tiny")
     first = dict(files=sorted(os.listdir(ckpt_dir)), events=sorted(glob.glob(str(work / "dit_training/tiny/events.*"))),
                  state=torch.load(os.path.join(ckpt_dir, "latest.pt"), weights_only=True))
+    # Event files are named by their second, then a counter of the process's writers (".10" sorts before ".9"), and
+    # TensorBoard reads a folder in name order: a later second keeps that the runs' order, as between real runs.
+    time.sleep(1.05)
     run_train(work, data, "--max-steps", SECOND, *FLAGS)
     return work, first
 
