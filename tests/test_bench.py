@@ -76,6 +76,8 @@ def test_reported_figures_are_consistent():
 
     assert rows["speed-up over naive"] == "2.00x" and rows["achieved GFLOP/s (MFU)"] == "40.0 (4.00%)"
     assert rows["data img/s, 0 workers (x model)"] == "80.0 (x2.00)"
+    assert rows["peak memory, this repo"] == "200 GB" and rows["peak memory, naive"] == "800 GB"
+    assert rows["parameters (same for naive)"] == "0.001 M" and rows["GFLOP per training image"] == "1.00"
 
 
 def test_sampling_figures_are_consistent(tiny_cfg, monkeypatch):

@@ -1,6 +1,7 @@
 """dataset.py: the hold-out split, flips (the cache and loader are exercised in test_robustness.py and test_train.py)."""
 import pytest
 import torch
+from PIL import Image
 
 import dataset
 
@@ -25,3 +26,11 @@ def test_flips_mirror_left_to_right_and_only_with_hflip():
     assert torch.equal(plain, cache.images[0].permute(2, 0, 1)) and torch.equal(mirrored, plain.flip(-1))
     assert not any(dataset.EpochBatches(200, 5, 0, hflip=False).order(0)[1])
     assert 0.35 < sum(dataset.EpochBatches(200, 5, 0, hflip=True).order(0)[1]) / 200 < 0.65
+
+
+def test_an_empty_label_folder_is_not_a_label(tmp_path):
+    """Only sub-folders that hold images are labels: an empty one would add a class no image trains."""
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "x.png")
+    assert dataset.find_images(str(tmp_path / "d")) == ([(str(tmp_path / "d" / "a" / "x.png"), 0)], ["a"])

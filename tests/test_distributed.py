@@ -1,5 +1,6 @@
 """distributed.py: device and precision choice (the process-group helpers run in test_ddp.py)."""
 import math
+import signal
 
 import pytest
 import torch
@@ -122,3 +123,16 @@ def test_resume_across_precisions_switches_and_keeps_fp32_state(tmp_path, monkey
     tensors = [*state["model"].values(), *state["ema"].values(),
                *(v for s in state["optimizer"]["state"].values() for v in s.values() if v.dim() > 0)]
     assert tensors and all(t.dtype == torch.float32 for t in tensors)
+
+
+def test_a_second_sigterm_waits_for_the_save_and_a_ctrl_c_then_exits(monkeypatch):
+    """SIGTERM asks for a save and stop; a second SIGTERM (a job scheduler repeating itself) does not cut the save
+    short, while a Ctrl-C after a stop request exits at once with 130."""
+    exits = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    with distributed.Stopper() as s:
+        s._handle(signal.SIGTERM, None)
+        s._handle(signal.SIGTERM, None)
+        assert s.requested and exits == []
+        s._handle(signal.SIGINT, None)
+        assert exits == [130]

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +62,9 @@ def test_identical_photos_give_fewer_groups_numbered_without_gaps(tmp_path, caps
     assert classes == ["g00", "g01"]  # train.py's labels are the folders: no empty label between them
     assert sorted(lab for _, lab in files) == [0, 0, 0, 1, 1, 1]
     assert "in 2 groups of 3-3" in capsys.readouterr().out
+
+
+def test_kmeans_keeps_the_best_restart():
+    """Of its restarts k-means keeps the lowest inertia: the left/right split, not the worse top/bottom one."""
+    feat = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1]])
+    assert layout_groups.kmeans(feat, 2).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])

@@ -389,3 +389,34 @@ def test_training_on_the_cartoons_logs_faces_and_seams(tmp_path, capsys):
     events.Reload()
     assert [e.value for e in events.Scalars("Quality/faces")] == [0.0]  # two steps draw no panda
     assert events.Scalars("Quality/seams")[0].value > 0
+
+
+def test_memorisation_marks_a_mirrored_copy_and_not_the_copy_itself():
+    """A training image and its mirror both find it as the nearest; only the mirror is marked flipped."""
+    train, held = pandas(10, size=16, seed=6), pandas(5, size=16, seed=7)
+    m = metrics.memorisation(torch.stack([train[0].flip(-1), train[0]]), train, held)
+    assert m["nearest"].tolist() == [0, 0] and m["flipped"].tolist() == [True, False]
+
+
+def test_faces_are_reported_where_exactly_ninety_percent_of_the_reference_pass():
+    """faces_against reports the share once >= 90% of the reference images pass, 90% included."""
+    assert metrics.faces_against(pandas(2, size=48, seed=3), 0.9) == (1.0, 0.9)
+
+
+def test_seams_average_both_directions():
+    """A ramp that jumps by 3 at every 4 px border across, and steps evenly down: (3 + 1) / 2 over the inside's 1."""
+    ramp = torch.tensor([0.0, 1, 2, 3, 6, 7, 8, 9, 12, 13, 14, 15])
+    image = (ramp[None, :] + torch.arange(12.0)[:, None]).expand(2, 3, 12, 12)
+    assert metrics.seams(image, 4) == pytest.approx(2.0)
+
+
+def test_reference_paths_spread_over_the_training_files():
+    """Without held-out files the reference is n training files spread over the sorted list, not its first n."""
+    assert metrics.reference_paths([], ["d/c", "d/a", "d/d", "d/b"], 2) == ["d/a", "d/c"]
+
+
+def test_cli_n_fake_limits_the_samples(tmp_path, capsys):
+    """python metrics.py REAL FAKE --n-fake 3 scores 3 samples, and says so beside the reference's count."""
+    real, fake = make_pandas(tmp_path / "r", 6, size=16), make_pandas(tmp_path / "f", 6, size=16, seed=1)
+    metrics.main([real, fake, "--size", "16", "--n", "6", "--n-fake", "3"])
+    assert "(3 images vs 6 reference)" in capsys.readouterr().out

@@ -43,3 +43,8 @@ def test_plot_loss_names_a_folder_without_events(tmp_path):
         plot_loss.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert e.value.code != 0 and str(tmp_path) in str(e.value.code)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_goes_beside_the_run_by_default():
+    """Without --out the plot is written into the run's log folder, not the working folder."""
+    assert plot_loss.parse_args(["runs/r"]).out == os.path.join("runs/r", "loss.png")

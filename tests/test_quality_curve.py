@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, make_pandas
@@ -70,3 +71,15 @@ def test_one_point_of_a_cosine_run_is_allowed():
     # one point is one run whose schedule ends where it is measured
     args = quality_curve.parse_args(["--at-steps", "1400", "--", "--preset", "tiny", "--run", "c", "--lr-schedule", "cosine"])
     assert args.at_steps == [1400] and args.run == "c"
+
+
+def test_minutes_are_cumulative(tmp_path, monkeypatch):
+    """--minutes 5 10 20 trains 5, then 5 more, then 10 more: each increment runs what the last one left."""
+    cmds = []
+    monkeypatch.setattr(quality_curve.subprocess, "run", lambda cmd, **k: cmds.append(cmd))
+    monkeypatch.setattr(quality_curve, "load_checkpoint", lambda p: {"step": 1})
+    monkeypatch.setattr(quality_curve, "save_image", lambda *a, **k: None)
+    monkeypatch.setattr(quality_curve, "measure", lambda *a: (dict(levels=[1.0], mean=1.0, n_fake=1, n_real=1, seams=1.0,
+                                                                   seams_reference=1.0), torch.zeros(1, 3, 8, 8)))
+    quality_curve.main(["--minutes", "5", "10", "20", "--", "--preset", "tiny", "--run", "c", "--ckpt-dir", str(tmp_path)])
+    assert [c[c.index("--max-minutes") + 1] for c in cmds] == ["5.0", "5.0", "10.0"]

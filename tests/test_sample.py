@@ -343,3 +343,24 @@ def test_bad_device_is_a_clear_error(plain, tmp_path, monkeypatch):
     assert "CUDA is not available" in error_of("--ckpt", plain, "--device", "cuda", "--out", tmp_path)
     run_sample("--ckpt", plain, "--device", "auto", "--n", 1, "--steps", 1, "--out", tmp_path)  # auto falls back to cpu
     assert os.path.exists(tmp_path / "grid.png")
+
+
+def test_trajectory_rows_are_x_t_then_x0(plain, tmp_path, monkeypatch):
+    """--trajectory's frames hold (x_t, the predicted x_0): the noisy image first, the clipped prediction second."""
+    seen = []
+    monkeypatch.setattr(sample, "trajectory_strip", lambda frames: seen.extend(frames) or torch.zeros(3, 8, 8))
+    run_sample("--ckpt", plain, "--n", 1, "--steps", 5, "--trajectory", "--out", tmp_path)
+    assert seen[0][0].abs().max() > 1.5 and seen[0][1].abs().max() <= 1
+
+
+def test_clip_is_on_unless_no_clip():
+    assert sample.parse_args([]).clip is True and sample.parse_args(["--no-clip"]).clip is False
+
+
+def test_spacing_defaults_to_the_checkpoints_own(plain, tmp_path, monkeypatch, capsys):
+    """Without --spacing, sample.py spaces its steps as the checkpoint's --sample-spacing says."""
+    real, gen, used = sample.load_model, sample.generate, []
+    monkeypatch.setattr(sample, "load_model", lambda *a: (dataclasses.replace(real(*a)[0], sample_spacing=3.0), real(*a)[1]))
+    monkeypatch.setattr(sample, "generate", lambda m, d, *a, **k: used.append(d.spacing) or gen(m, d, *a, **k))
+    run_sample("--ckpt", plain, "--n", 1, "--steps", 3, "--out", tmp_path)
+    assert used == [3.0] and "spacing 3," in capsys.readouterr().out

@@ -289,3 +289,21 @@ def test_out_of_range_settings_are_one_clear_error(field, value):
     assert str(e.value).startswith("error: ") and field in str(e.value)
     if field in config.CHOICES:  # a bad choice lists the good ones
         assert ", ".join(config.CHOICES[field]) in str(e.value)
+
+
+def test_epoch_loss_is_the_mean_over_its_batches():
+    """Loss/epoch is the epoch's summed batch losses over its batch count; the epoch counters then start again."""
+    logged = []
+    run = types.SimpleNamespace(log=types.SimpleNamespace(scalars=lambda step, **v: logged.append((step, v))))
+    p = types.SimpleNamespace(step=6, epoch=0, epoch_pos=8, epoch_loss_sum=3.0, epoch_batches=2)
+    train.end_epoch(run, p)
+    assert logged == [(6, {"Loss/epoch": 1.5})] and (p.epoch, p.epoch_pos, p.epoch_batches) == (1, 0, 0)
+
+
+def test_meter_counts_images_per_second(monkeypatch):
+    """Images/s: the steps since the last reading times the global batch, over the seconds between."""
+    now = [100.0]
+    monkeypatch.setattr(train.time, "time", lambda: now[0])
+    meter = train.Meter(10)
+    now[0] = 102.0
+    assert meter.rate(14, 8) == pytest.approx(16.0)
