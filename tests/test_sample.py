@@ -354,6 +354,7 @@ def test_trajectory_rows_are_x_t_then_x0(plain, tmp_path, monkeypatch):
 
 
 def test_clip_is_on_unless_no_clip():
+    """The sampler clips each predicted x_0 to [-1, 1] by default; --no-clip turns that off."""
     assert sample.parse_args([]).clip is True and sample.parse_args(["--no-clip"]).clip is False
 
 
