@@ -1,4 +1,5 @@
 """dataset.py: the hold-out split, flips (the cache and loader are exercised in test_robustness.py and test_train.py)."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -34,3 +35,19 @@ def test_an_empty_label_folder_is_not_a_label(tmp_path):
     (tmp_path / "d" / "b").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "x.png")
     assert dataset.find_images(str(tmp_path / "d")) == ([(str(tmp_path / "d" / "a" / "x.png"), 0)], ["a"])
+
+
+def test_a_wide_image_is_scaled_by_its_short_side_and_centre_cropped(tmp_path):
+    """64 x 32 to 32 px: the short side fits, and the middle 32 columns are kept, not squashed or shifted."""
+    cols, rows = np.meshgrid(np.arange(64) * 4, np.arange(32) * 8)  # red counts columns, green rows
+    img = Image.fromarray(np.stack([cols, rows, np.zeros_like(cols)], -1).astype(np.uint8))
+    img.save(tmp_path / "w.png")
+    assert np.array_equal(np.asarray(dataset.load_image(str(tmp_path / "w.png"), 32)), np.asarray(img)[:, 16:48])
+
+
+def test_transparent_palette_pixels_become_white(tmp_path):
+    """A palette image's transparent colour is composited on white, as for RGBA."""
+    img = Image.new("P", (32, 32), 0)
+    img.putpalette([0, 0, 0] * 256)
+    img.save(tmp_path / "t.png", transparency=0)
+    assert dataset.load_image(str(tmp_path / "t.png"), 32).getpixel((5, 5)) == (255, 255, 255)

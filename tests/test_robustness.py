@@ -876,3 +876,9 @@ def test_signal_handlers_are_given_back_after_training():
     signal.signal(signal.SIGTERM, mine)
     run(steps=2)
     assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+
+
+def test_a_checkpoint_field_this_code_no_longer_has_is_ignored():
+    """An older checkpoint's config with a field since removed still reads as a Config (the field dropped)."""
+    import config
+    assert config.config_from_dict({**vars(config.Config()), "removed_field": 1}) == config.Config()

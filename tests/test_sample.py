@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -365,3 +366,16 @@ def test_spacing_defaults_to_the_checkpoints_own(plain, tmp_path, monkeypatch, c
     monkeypatch.setattr(sample, "generate", lambda m, d, *a, **k: used.append(d.spacing) or gen(m, d, *a, **k))
     run_sample("--ckpt", plain, "--n", 1, "--steps", 3, "--out", tmp_path)
     assert used == [3.0] and "spacing 3," in capsys.readouterr().out
+
+
+def test_batch_size_reaches_the_sampler():
+    """--batch-size bounds how many images are denoised at once, whatever --n is."""
+    class Recorder:
+        def sample_batches(self, model, noise, labels, batch_size, *args, **kwargs):
+            self.batch_size = batch_size
+            return noise
+
+    d = Recorder()
+    args = types.SimpleNamespace(seed=0, n=5, batch_size=2, sampler="ddim", eta=0.0, cfg=1.0, clip=True)
+    sample.generate(None, d, types.SimpleNamespace(in_channels=3, image_size=8), args, 10, torch.zeros(5, dtype=torch.long), "cpu")
+    assert d.batch_size == 2

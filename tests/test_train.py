@@ -1,11 +1,12 @@
 """The trainer end to end on a tiny run: files, TensorBoard tags, resume, errors, flags; and a tiny model overfits."""
-import types
-import time
 import dataclasses
 import glob
 import json
 import os
 import random
+import re
+import time
+import types
 
 import numpy as np
 import pytest
@@ -307,3 +308,53 @@ def test_meter_counts_images_per_second(monkeypatch):
     meter = train.Meter(10)
     now[0] = 102.0
     assert meter.rate(14, 8) == pytest.approx(16.0)
+
+
+class FakeLog:
+    """Records what train.py hands its TensorBoard logger."""
+
+    def __init__(self):
+        self.calls = []
+
+    def histograms(self, step, **values):
+        self.calls.append(("histograms", step, values))
+
+    def images(self, tag, grid, step):
+        self.calls.append(("images", tag, grid, step))
+
+    def text(self, tag, text, step):
+        self.calls.append(("text", tag, text, step))
+
+
+def test_sample_grid_is_as_square_as_its_count_allows(monkeypatch):
+    """8 samples make a 3-wide grid (ceil(sqrt(8))), each enlarged to 128 px with 2 px borders."""
+    monkeypatch.setattr(train, "shared_samples", lambda run, noise, y, steps, seed: torch.zeros(8, 3, 16, 16))
+    run = types.SimpleNamespace(cfg=config.Config(sample_n=8, image_size=16, in_channels=3), data=types.SimpleNamespace(classes=["a"]))
+    assert train.sample_grid(run).shape[-1] == 3 * (128 + 2) + 2
+
+
+def test_periodic_logs_samples_and_histograms_at_their_step(monkeypatch):
+    """At a sample/histogram step the grid goes under Samples and the prediction and target under their own tags,
+    at that step."""
+    monkeypatch.setattr(train, "sample_grid", lambda run: "grid")
+    log, out = FakeLog(), {"pred": torch.ones(2), "target": torch.zeros(2)}
+    cfg = types.SimpleNamespace(log_every=1000, hist_every=10, sample_every=10, eval_every=0)
+    train.periodic(types.SimpleNamespace(cfg=cfg, log=log), types.SimpleNamespace(step=10), out, None, None)
+    assert ("images", "Samples", "grid", 10) in log.calls
+    (_, step, values), = [c for c in log.calls if c[0] == "histograms"]
+    assert step == 10 and values["Noise/predicted"] is out["pred"] and values["Noise/target"] is out["target"]
+
+
+def test_the_config_is_logged_as_json_at_step_0():
+    """log_start writes the whole config as JSON text, so TensorBoard shows exactly what ran."""
+    log, cfg = FakeLog(), config.Config(log_graph=False)
+    train.log_start(types.SimpleNamespace(cfg=cfg, log=log))
+    (_, _, text, step), = log.calls
+    assert json.loads(text.strip("`\n")) == vars(cfg) and step == 0
+
+
+def test_fresh_moves_a_run_aside_under_a_stamp_to_the_second(tmp_path):
+    """--fresh renames the old folder to <name>-old-YYYYmmdd-HHMMSS, so two on one day do not collide."""
+    (tmp_path / "run").mkdir()
+    train.move_aside(str(tmp_path / "run"))
+    assert re.fullmatch(r"run-old-\d{8}-\d{6}", os.listdir(tmp_path)[0])
