@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoint  # noqa: E402
+import config  # noqa: E402
 import diffusion  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -880,5 +881,4 @@ def test_signal_handlers_are_given_back_after_training():
 
 def test_a_checkpoint_field_this_code_no_longer_has_is_ignored():
     """An older checkpoint's config with a field since removed still reads as a Config (the field dropped)."""
-    import config
     assert config.config_from_dict({**vars(config.Config()), "removed_field": 1}) == config.Config()
