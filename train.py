@@ -337,12 +337,11 @@ def main(argv=None):
     overrides, actions = parse_train_args(argv)
     if actions.print_config:
         return print_config(overrides, actions.fresh)
-    fresh = actions.fresh
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"), overrides.get("dist_timeout", 10.0))
     run = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
     created, started = [], False  # run folders this call made: removed again if it fails before training
     try:
-        cfg, state = resolve_config(overrides, fresh, rank)
+        cfg, state = resolve_config(overrides, actions.fresh, rank)
         device = select_device(cfg.device, local_rank, cfg.amp)
         if rank == 0:  # before minutes of decoding images, not after
             created = check_writable(os.path.join(cfg.ckpt_dir, cfg.run), os.path.join(cfg.log_dir, cfg.run),
