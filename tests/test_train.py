@@ -294,11 +294,10 @@ def test_out_of_range_settings_are_one_clear_error(field, value):
 
 def test_epoch_loss_is_the_mean_over_its_batches():
     """Loss/epoch is the epoch's summed batch losses over its batch count; the epoch counters then start again."""
-    logged = []
-    run = types.SimpleNamespace(log=types.SimpleNamespace(scalars=lambda step, **v: logged.append((step, v))))
+    log = FakeLog()
     p = types.SimpleNamespace(step=6, epoch=0, epoch_pos=8, epoch_loss_sum=3.0, epoch_batches=2)
-    train.end_epoch(run, p)
-    assert logged == [(6, {"Loss/epoch": 1.5})] and (p.epoch, p.epoch_pos, p.epoch_batches) == (1, 0, 0)
+    train.end_epoch(types.SimpleNamespace(log=log), p)
+    assert log.calls == [("scalars", 6, {"Loss/epoch": 1.5})] and (p.epoch, p.epoch_pos, p.epoch_batches) == (1, 0, 0)
 
 
 def test_meter_counts_images_per_second(monkeypatch):
@@ -315,6 +314,9 @@ class FakeLog:
 
     def __init__(self):
         self.calls = []
+
+    def scalars(self, step, **values):
+        self.calls.append(("scalars", step, values))
 
     def histograms(self, step, **values):
         self.calls.append(("histograms", step, values))
