@@ -202,35 +202,40 @@ def decode_all(files, size, out):
 
 
 def _remove_dead_temps(path):
-    """Partial caches of this key left by a process that was killed while decoding."""
-    folder, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp"
+    """Partial cache files of this key left by a process that was killed while writing them."""
+    folder, base = os.path.dirname(path) or ".", os.path.basename(path)
     for name in os.listdir(folder):
-        pid = name[len(prefix):]
-        if name.startswith(prefix) and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass  # alive, someone else's
+        for prefix in (base + ".tmp", base + ".files.tmp"):
+            pid = name[len(prefix):]
+            if name.startswith(prefix) and pid.isdigit():
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass  # alive, someone else's
 
 
 def build_cache(files, size, path, root="the data folder"):
     """Decode every file into a flat uint8 file (N, size, size, 3). Returns the kept (file, label) list."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp, tmp_list = f"{path}.tmp{os.getpid()}", f"{path}.files.tmp{os.getpid()}"
     _remove_dead_temps(path)
     try:
         with open(tmp, "wb") as out:
             kept, bad = decode_all(files, size, out)
         if kept:
-            with open(path + ".files", "w") as f:
+            # Both files appear only when complete: two runs that build one cache at once (or one killed while
+            # rewriting the list) must never leave a reader a truncated list beside a whole cache.
+            with open(tmp_list, "w") as f:
                 f.writelines(f"{label}\t{file}\n" for file, label in kept)
-            os.replace(tmp, path)  # the cache appears only when complete
+            os.replace(tmp_list, path + ".files")
+            os.replace(tmp, path)
     except OSError as e:
         raise DataError(f"cannot write the image cache '{tmp}' ({e.strerror}); free space or pass another --cache-dir") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for name in (tmp, tmp_list):
+            if os.path.exists(name):
+                os.remove(name)
     if bad and kept:  # with none kept, the error below says it all
         warnings.warn(f"skipped {len(bad)} of {len(files)} image files in '{root}' that cannot be used: "
                       f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}", stacklevel=2)

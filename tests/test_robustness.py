@@ -864,6 +864,43 @@ def test_cache_is_rebuilt_when_an_image_changes_but_not_its_size():
     assert ImageCache("d", 16, "c")[(0, False)][0][:, 8, 8].tolist() == [0, 0, 255]
 
 
+def cache_path(folder, size, cache_dir):
+    return os.path.join(cache_dir, f"{dataset.cache_key(dataset.find_images(folder)[0], size)}.u8")
+
+
+def test_a_cache_rewrite_cut_short_leaves_the_whole_file_list(monkeypatch):
+    """A second run building the same cache that dies while writing its file list (a full disk, a kill) must not
+    leave a truncated list beside the whole cache: every later run would silently train on the first few images."""
+    assert len(ImageCache("imgs", 16, "c")) == 10
+    path = cache_path("imgs", 16, "c")
+
+    class CutShort(list):  # the list of kept files, whose writing fails after one line
+        def __iter__(self):
+            yield self[0]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    decode = dataset.decode_all
+    monkeypatch.setattr(dataset, "decode_all", lambda *a: (CutShort(decode(*a)[0]), []))
+    with pytest.raises(DataError, match="No space left on device"):
+        dataset.build_cache(dataset.find_images("imgs")[0], 16, path)
+    monkeypatch.setattr(dataset, "decode_all", decode)  # not undo(): that would leave the sandbox's folder too
+    assert len(ImageCache("imgs", 16, "c")) == 10
+    assert sorted(os.listdir("c")) == sorted(os.path.basename(path) + ext for ext in ("", ".files"))
+
+
+def test_cache_temps_of_a_dead_process_are_removed_and_a_live_ones_kept():
+    """A run killed while decoding leaves partial cache files; the next build removes them, not a live process's."""
+    os.makedirs("c")
+    path = cache_path("imgs", 16, "c")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f"{path}.tmp{dead.pid}", f"{path}.files.tmp{dead.pid}", f"{path}.tmp1", f"{path}.files.tmp1"):
+        open(name, "w").close()  # pid 1 is alive
+    ImageCache("imgs", 16, "c")
+    base = os.path.basename(path)
+    assert sorted(n for n in os.listdir("c") if ".tmp" in n) == [f"{base}.files.tmp1", f"{base}.tmp1"]
+
+
 def test_generated_pandas_all_differ():
     """Each procedural panda is drawn from its own seed: no two files are the same."""
     dataset.generate_pandas("data", 3, size=32)
