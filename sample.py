@@ -12,6 +12,7 @@ the model's size (and trajectory.png).
 import argparse
 import math
 import os
+import re
 import time
 import warnings
 
@@ -155,14 +156,28 @@ def main(argv=None):
     with autocast_for(device, chosen):
         images = generate(model, diffusion, cfg, args, steps, labels, device, record)
     seconds = time.time() - t0
+    stale = earlier_output(out, args.n, args.trajectory)
+    for name in stale:
+        os.remove(os.path.join(out, name))
     save_image(enlarge((images + 1) / 2), os.path.join(out, "grid.png"), nrow=int(math.ceil(math.sqrt(args.n))))
     for i, img in enumerate(images):
         save_image((img + 1) / 2, os.path.join(out, f"{i:04d}.png"))
     if frames:
         save_image(trajectory_strip(frames), os.path.join(out, "trajectory.png"))
     spread = f", spacing {diffusion.spacing:g}" if diffusion.spacing != 1 else ""
+    if stale:
+        print(f"removed {len(stale)} file(s) an earlier sampling left in {out}: {', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}")
     print(f"{args.n} images ({args.sampler}-{steps}{spread}, {'EMA' if args.ema and state.get('ema') is not None else 'raw'} weights, "
           f"step {state['step']}, {chosen}) in {seconds:.1f}s -> {os.path.join(out, 'grid.png')}")
+
+
+def earlier_output(out, n, trajectory):
+    """Files an earlier sample.py wrote to `out` that this one will not overwrite: left there, metrics.py
+    would score them together with the new images."""
+    names = [f for f in os.listdir(out) if re.fullmatch(r"\d{4,}\.png", f) and int(f[:-4]) >= n]
+    if not trajectory and os.path.exists(os.path.join(out, "trajectory.png")):
+        names.append("trajectory.png")
+    return sorted(names)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,16 @@ def test_writes_grid_and_one_png_per_image(plain, tmp_path, capsys):
     assert str(tmp_path / "grid.png") in capsys.readouterr().out
 
 
+def test_sampling_again_into_a_folder_leaves_none_of_the_earlier_images(plain, tmp_path, capsys):
+    """metrics.py scores every image of a folder: a second, smaller sampling into the same folder must not leave the
+    first one's extra images (or its trajectory) beside its own; other files stay."""
+    run_sample("--ckpt", plain, "--n", 5, "--steps", 2, "--out", tmp_path, "--trajectory")
+    (tmp_path / "notes.txt").write_text("mine")
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 2, "--out", tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["0000.png", "0001.png", "grid.png", "notes.txt"]
+    assert "removed 4 file(s) an earlier sampling left" in capsys.readouterr().out
+
+
 def test_grids_enlarge_small_images_nearest_neighbour():
     """A 16 px image becomes 128 px of 8x8 blocks of its own pixels; one of 128 px or more stays as it is."""
     small = torch.rand(2, 3, 16, 16)
