@@ -102,7 +102,8 @@ class Config:
     holdout: int = knob(0, "last N images (sorted) not trained on, the SWD reference (0 = eval_n training images)")
     ckpt_every: int = knob(500, "steps between checkpoints (step_XXXXXXX.pt, copied to latest.pt)")
     keep_last: int = knob(3, "periodic checkpoints to keep besides milestones")
-    milestone_every: int = knob(5000, "steps between checkpoints that are never deleted (0 = none)")
+    milestone_every: int = knob(5000, "steps between checkpoints that are never deleted (0 = none); written whatever --ckpt-every is, and "
+                                     "kept by their step number, so a resume with another value keeps that value's multiples only")
     log_graph: bool = knob(True, "write the model graph to TensorBoard once")
     # --- system ---
     device: str = knob("auto", "auto, cpu, cuda, cuda:1, ...")

@@ -438,7 +438,8 @@ def train_until_stop(run, progress, stopper, bar):
             requested, elapsed = rank_max([stopper.requested, time.time() - start], run.device)
             stop = requested or (cfg.max_minutes > 0 and elapsed > cfg.max_minutes * 60)
             done = progress.step >= cfg.max_steps
-            if progress.step % cfg.ckpt_every == 0 or stop or done:
+            milestone = cfg.milestone_every and progress.step % cfg.milestone_every == 0  # whatever --ckpt-every is
+            if progress.step % cfg.ckpt_every == 0 or milestone or stop or done:
                 save(run, progress)
             if stop or done:
                 break

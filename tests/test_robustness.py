@@ -418,6 +418,12 @@ def test_retention_keeps_the_last_k_and_the_milestones():
     assert temp_files("r") == []
 
 
+def test_milestones_are_saved_when_ckpt_every_does_not_divide_them():
+    """A milestone is a checkpoint kept for good: it is written at its step even when --ckpt-every skips that step."""
+    run("--ckpt-every", 3, "--milestone-every", 4, "--keep-last", 1, steps=8)
+    assert [s for s, _ in step_files(RUN_DIR)] == [8, 4]
+
+
 @pytest.mark.parametrize("where", ["step file", "latest.pt"])
 def test_disk_full_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(monkeypatch, where):
     """ENOSPC in the middle of writing: one-line error, the previous latest.pt still loads, no temp file left."""
