@@ -169,7 +169,7 @@ def cache_key(files, size):
             stamp = f"{st.st_size}|{st.st_mtime_ns}"
         except OSError:  # a symlink loop or dangling link: build_cache reports it
             stamp = "unreadable"
-        h.update(f"{os.path.abspath(path)}|{label}|{stamp}\n".encode())
+        h.update(f"{os.path.abspath(path)}|{label}|{stamp}\n".encode("utf-8", "surrogateescape"))  # any file name
     return h.hexdigest()[:16]
 
 
@@ -226,7 +226,7 @@ def build_cache(files, size, path, root="the data folder"):
         if kept:
             # Both files appear only when complete: two runs that build one cache at once (or one killed while
             # rewriting the list) must never leave a reader a truncated list beside a whole cache.
-            with open(tmp_list, "w") as f:
+            with open(tmp_list, "w", encoding="utf-8", errors="surrogateescape") as f:  # names need not be UTF-8
                 f.writelines(f"{label}\t{file}\n" for file, label in kept)
             os.replace(tmp_list, path + ".files")
             os.replace(tmp, path)
@@ -260,7 +260,7 @@ class ImageCache(torch.utils.data.Dataset):
             raise DataError(f"cannot create the image cache folder '{cache_dir}' ({e.strerror}); pass another --cache-dir") from None
         path = os.path.join(cache_dir, f"{cache_key(files, size)}.u8")
         if os.path.exists(path) and os.path.exists(path + ".files"):
-            with open(path + ".files") as f:
+            with open(path + ".files", encoding="utf-8", errors="surrogateescape") as f:
                 kept = [(file, int(label)) for label, file in (line.rstrip("\n").split("\t", 1) for line in f)]
         else:
             kept = build_cache(files, size, path, root)

@@ -894,6 +894,17 @@ def test_a_cache_rewrite_cut_short_leaves_the_whole_file_list(monkeypatch):
     assert sorted(os.listdir("c")) == sorted(os.path.basename(path) + ext for ext in ("", ".files"))
 
 
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other():
+    """Photos unzipped from another system can have names in another encoding (bytes that are not UTF-8): such an
+    image trains like the rest, and the cache's file list reads back, instead of a UnicodeEncodeError traceback."""
+    shutil.copy(os.path.join("imgs", "panda_00.png"), os.path.join(b"imgs", b"pand\xe4.png"))
+    first = ImageCache("imgs", 16, "c")
+    again = ImageCache("imgs", 16, "c")  # from the cache
+    assert len(first) == len(again) == 11 and first.files == again.files
+    assert torch.equal(again[(again.files.index(os.path.join("imgs", os.fsdecode(b"pand\xe4.png"))), False)][0],
+                       again[(again.files.index(os.path.join("imgs", "panda_00.png")), False)][0])
+
+
 def test_cache_temps_of_a_dead_process_are_removed_and_a_live_ones_kept():
     """A run killed while decoding leaves partial cache files; the next build removes them, not a live process's."""
     os.makedirs("c")
