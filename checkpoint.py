@@ -19,7 +19,13 @@ import warnings
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory file locks, so two runs on one folder go unchecked there
+    fcntl = None
+
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+RUN_LOCK = ".lock"  # in the run folder, held by the train.py writing it (hold_run)
 TEMP_FILE = re.compile(r"^\..+\.pt\.tmp(\d+)$")  # what atomic_save/_copy_latest leave if killed
 
 
@@ -276,6 +282,48 @@ def check_writable(*folders, fix):
         except OSError as e:
             raise SystemExit(f"error: cannot write to '{folder}' ({e.strerror}); {fix}") from None
     return created
+
+
+def _locked_by(f):
+    """The pid written in a lock file another process holds, or None if this process could take the lock."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        f.seek(0)
+        return f.read().strip() or "?"
+
+
+def _in_use(folder, pid):
+    return (f"run folder '{folder}' is in use by another train.py (pid {pid}); wait for it or stop it, "
+            "or pass --run NAME to train another run")
+
+
+def check_not_in_use(folder):
+    """Refuse (CheckpointError) when a live train.py holds `folder`, e.g. before --fresh moves it away under it."""
+    path = os.path.join(folder, RUN_LOCK)
+    if fcntl is None or not os.path.exists(path):
+        return
+    with open(path) as f:  # closing it frees the lock this may have taken
+        pid = _locked_by(f)
+    if pid is not None:
+        raise CheckpointError(_in_use(folder, pid))
+
+
+def hold_run(folder):
+    """Lock the run folder for this process's life: a second train.py on the same run would overwrite its
+    checkpoints step for step. Returns the open lock file (closing it, or exiting, frees the run)."""
+    if fcntl is None:
+        return None
+    f = open(os.path.join(folder, RUN_LOCK), "a+")
+    pid = _locked_by(f)
+    if pid is not None:
+        f.close()
+        raise CheckpointError(_in_use(folder, pid))
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def remove_empty(folders):

@@ -21,8 +21,8 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 import metrics
-from checkpoint import (CheckpointError, Progress, atomic_save, check_writable, load_latest, make_state, remove_empty,
-                        restore, save_checkpoint)
+from checkpoint import (CheckpointError, Progress, atomic_save, check_not_in_use, check_writable, hold_run, load_latest,
+                        make_state, remove_empty, restore, save_checkpoint)
 from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args
 from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, enlarge, generate_pandas, held_out_files,
                      make_loader)
@@ -45,6 +45,8 @@ def resolve_config(overrides, fresh, rank):
     """Config from preset + flags, or from the run's checkpoint + flags when resuming."""
     cfg = build_config(overrides, torch.cuda.is_available())
     run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
+    if rank == 0:
+        check_not_in_use(run_dir)  # before a word about resuming it, and before --fresh moves it away under its writer
     if fresh and rank == 0:
         move_aside(run_dir, os.path.join(cfg.log_dir, cfg.run))
     barrier()
@@ -339,13 +341,14 @@ def main(argv=None):
         return print_config(overrides, actions.fresh)
     rank, world_size, local_rank = setup_distributed(overrides.get("device", "auto"), overrides.get("dist_timeout", 10.0))
     run = None  # once set up, its TensorBoard writer is closed however main ends (flushed, thread ended)
-    created, started = [], False  # run folders this call made: removed again if it fails before training
+    created, started, lock = [], False, None  # run folders this call made: removed again if it fails before training
     try:
         cfg, state = resolve_config(overrides, actions.fresh, rank)
         device = select_device(cfg.device, local_rank, cfg.amp)
         if rank == 0:  # before minutes of decoding images, not after
             created = check_writable(os.path.join(cfg.ckpt_dir, cfg.run), os.path.join(cfg.log_dir, cfg.run),
                                      fix="fix its permissions/free space or pass another --ckpt-dir/--log-dir")
+            lock = hold_run(os.path.join(cfg.ckpt_dir, cfg.run))
         data, held_out = load_data(cfg, rank)
         fit_config_to_data(cfg, data, state, rank, overrides)
         run, progress = setup_run(cfg, data, held_out, state, device, rank, world_size)
@@ -362,6 +365,10 @@ def main(argv=None):
     finally:
         if run is not None:
             run.log.close()
+        if lock is not None:
+            if not started:  # the run folder is then as this call found it (and removed if it made it)
+                os.remove(lock.name)
+            lock.close()
         if not started:
             remove_empty(created)
     if distributed():

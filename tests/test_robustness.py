@@ -418,6 +418,25 @@ def test_retention_keeps_the_last_k_and_the_milestones():
     assert temp_files("r") == []
 
 
+def test_a_second_train_py_on_a_live_run_is_refused_and_fresh_does_not_move_it(capsys):
+    """While one train.py holds a run, another on the same run (resuming, or --fresh) stops in one line naming the
+    holder, and writes or moves nothing; once the holder is gone the run resumes as usual."""
+    run(steps=2)
+    holder = checkpoint.hold_run(RUN_DIR)  # stands for a live train.py (a lock taken on another open file)
+    before = sorted(os.listdir(RUN_DIR))
+    for extra in ((), ("--fresh",)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run(*extra, steps=4)
+        assert capsys.readouterr().out == ""  # not a word about resuming first
+        assert str(e.value) == (f"error: run folder '{RUN_DIR}' is in use by another train.py (pid {os.getpid()}); "
+                                "wait for it or stop it, or pass --run NAME to train another run")
+        assert sorted(os.listdir(RUN_DIR)) == before and not glob.glob(RUN_DIR + "-old-*")
+    holder.close()
+    run(steps=4)
+    assert latest()["step"] == 4
+
+
 def test_milestones_are_saved_when_ckpt_every_does_not_divide_them():
     """A milestone is a checkpoint kept for good: it is written at its step even when --ckpt-every skips that step."""
     run("--ckpt-every", 3, "--milestone-every", 4, "--keep-last", 1, steps=8)
