@@ -266,6 +266,11 @@ class ImageCache(torch.utils.data.Dataset):
             kept = build_cache(files, size, path, root)
         self.files = [f for f, _ in kept]
         self.labels = torch.tensor([label for _, label in kept], dtype=torch.long)
+        bare = [name for i, name in enumerate(self.classes) if not (self.labels == i).any()]
+        if bare:  # its label would be sampled (grids, --label) from an embedding that never trained
+            why = "the hold-out takes the last files in sorted order" if exclude else "none of its images can be used"
+            raise DataError(f"label folder(s) {', '.join(repr(b) for b in bare)} of '{root}' keep no training image ({why}); "
+                            "lower --holdout or add images to them")
         n = len(kept)
         self.images = torch.from_file(path, shared=False, size=n * size * size * 3, dtype=torch.uint8).view(n, size, size, 3)
 

@@ -45,7 +45,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_files  # noqa: E402
 import dataset  # noqa: E402
-from dataset import DataError, ImageCache, draw_panda  # noqa: E402
+from dataset import DataError, ImageCache, draw_panda, held_out_files  # noqa: E402
 
 import kill_test  # noqa: E402
 
@@ -911,6 +911,23 @@ def test_a_cache_rewrite_cut_short_leaves_the_whole_file_list(monkeypatch):
     monkeypatch.setattr(dataset, "decode_all", decode)  # not undo(): that would leave the sandbox's folder too
     assert len(ImageCache("imgs", 16, "c")) == 10
     assert sorted(os.listdir("c")) == sorted(os.path.basename(path) + ext for ext in ("", ".files"))
+
+
+def test_a_hold_out_that_takes_a_whole_label_is_a_clear_error():
+    """--holdout takes the last files in sorted order, so with label folders it can take every image of the last
+    label; training would then never see that label, and its samples come from an untrained embedding."""
+    make_images(os.path.join("labelled", "giant"), n=6)
+    make_images(os.path.join("labelled", "red"), n=2)
+    assert len(ImageCache("labelled", 16, "c", exclude=held_out_files("labelled", 1))) == 7
+    with pytest.raises(DataError) as e:
+        ImageCache("labelled", 16, "c", exclude=held_out_files("labelled", 3))
+    assert str(e.value) == ("label folder(s) 'red' of 'labelled' keep no training image (the hold-out takes the last "
+                            "files in sorted order); lower --holdout or add images to them")
+    with open(os.path.join("labelled", "red", "panda_00.png"), "wb") as f:
+        f.write(b"not a png")
+    os.remove(os.path.join("labelled", "red", "panda_01.png"))
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"^label folder\(s\) 'red' .*\(none of its images can be used\)"):
+        ImageCache("labelled", 16, "c2")
 
 
 def test_a_file_name_that_is_not_utf8_is_read_like_any_other():
