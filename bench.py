@@ -29,7 +29,7 @@ import time
 import torch
 
 from config import ARCH_FIELDS, PRESETS, build_config
-from dataset import EpochBatches, ImageCache, find_images, generate_pandas, make_loader
+from dataset import DataError, EpochBatches, ImageCache, find_images, generate_pandas, make_loader
 from diffusion import make_diffusion
 from distributed import autocast_for, precision, select_device
 from dit import DiT
@@ -41,6 +41,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # data-loader timing; images in the data folder (0 = all)
 MODES = {"quick": dict(warmup=1, steps=1, budget=2.0, sample_budget=2.0, peak=0.5, data_seconds=0.3, data_limit=64),
          "full": dict(warmup=2, steps=2, budget=25.0, sample_budget=30.0, peak=2.0, data_seconds=2.0, data_limit=0)}
+
+
+def worker_counts(text):
+    """--workers '0,2' -> [0, 2] ('' -> [], the default): a typo is refused while parsing, not after the training runs."""
+    try:
+        counts = [int(w) for w in text.split(",")] if text else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of worker counts, e.g. 0,2") from None
+    if any(w < 0 for w in counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be 0 or more, got '{text}'")
+    return counts
 
 
 def parse_args(argv=None):
@@ -59,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--no-naive", action="store_true", help="skip the naive model (no speed-up or memory ratio)")
     p.add_argument("--data-dir", default="",
                    help="image folder for the data pipeline, e.g. your photos (default: generated pandas)")
-    p.add_argument("--workers", default="",
+    p.add_argument("--workers", type=worker_counts, default="",
                    help="comma-separated DataLoader worker counts to compare (default: 0 and the config default)")
     p.add_argument("--child", default="", metavar="SPEC",
                    help="internal: run one training measurement, described by a JSON spec, in this process")
@@ -315,6 +326,8 @@ def data_folder(args, limit, tmp):
         generate_pandas(folder, limit or 200, size=256)
         return folder, "generated pandas"
     files = [path for path, _ in find_images(folder)[0]]
+    if not files:  # refused now, not by the data pipeline after minutes of training measurements
+        raise DataError(f"no images found in '{folder}'; pass --data-dir with a folder of .jpg/.png files")
     if limit and len(files) > limit:  # --quick: a subset, linked into a flat folder
         folder = os.path.join(tmp, "subset")
         os.makedirs(folder)
@@ -360,7 +373,7 @@ def bench_arch(names, batch, args, mode, device, data, tmp):
     with autocast_for(device, chosen):  # sample.py's precision
         r["sampling"] = bench_sampling(cfg, device, mode["sample_budget"])
     note(f"{r['name']}: data pipeline on {data[1]}")
-    workers = [int(w) for w in args.workers.split(",")] if args.workers else sorted({0, cfg.num_workers})
+    workers = args.workers or sorted({0, cfg.num_workers})
     r["data"] = bench_data(data[0], os.path.join(tmp, "cache"), cfg.image_size, batch, workers, mode["data_seconds"])
     r["loader_train"] = bench_loader_training(r, spec, workers, data[0], tmp, args)
     return r
@@ -528,11 +541,14 @@ def main(argv=None):
     device = select_device(args.device, 0, True)  # as train.py's default --amp
     report = dict(mode="--quick" if args.quick else "full", machine=machine_info(device), archs=[], notes=[])
     report["machine"]["precision"], report["machine"]["precision_why"] = precision(device, True)
-    peak, mfu_precision = peaks(device, mode["peak"])
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        data = data_folder(args, mode["data_limit"], tmp)
-        for names, batch in groups:
-            report["archs"].append(bench_arch(names, batch, args, mode, device, data, tmp))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            data = data_folder(args, mode["data_limit"], tmp)
+            peak, mfu_precision = peaks(device, mode["peak"])  # after the data folder: a bad --data-dir fails at once
+            for names, batch in groups:
+                report["archs"].append(bench_arch(names, batch, args, mode, device, data, tmp))
+    except DataError as e:  # --data-dir missing, empty or unreadable: one line, as train.py says it
+        raise SystemExit(f"error: {e}")
     for r in report["archs"]:  # the best peak seen anywhere in the run: MFU is never flattered by a slow moment
         peak = {k: max(v, r["fast"].get("peak", {}).get(k, 0)) for k, v in peak.items()}
     report["machine"].update(peak=peak, load_end=os.getloadavg()[0], mfu_precision=mfu_precision)

@@ -90,11 +90,15 @@ def main(argv=None):
         raise SystemExit(f"error: photo folder '{args.src}' not found; pass a folder of images")
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise SystemExit(f"error: '{args.out}' already exists and is not an empty folder; pass a new folder to write the groups to")
+    out = os.path.realpath(args.out)  # an empty OUT may be a link to a folder: the groups go where it points
+    part = out + ".part"  # filled, then renamed to OUT: a failed run leaves no half-filled OUT for train.py to train on
+    if os.path.lexists(part):
+        raise SystemExit(f"error: '{part}' exists (what a killed run of this script leaves); delete it and run again")
     try:
         files = [f for f, _ in find_images(args.src)[0]]
+        files = holdout_split(files, args.holdout)[0] if args.holdout else files  # --holdout >= the photos: one line too
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    files = holdout_split(files, args.holdout)[0] if args.holdout else files
     kept, images = [], []
     for f in tqdm(files, desc=f"reading {len(files)} photos at {args.size}px", leave=False):
         try:
@@ -106,7 +110,17 @@ def main(argv=None):
     if len(kept) < args.groups:
         raise SystemExit(f"error: {len(kept)} usable photo(s) in '{args.src}' for {args.groups} groups; pass fewer --groups")
     assign = kmeans(layout_features(np.stack(images)), args.groups, args.seed)
-    write_groups(kept, assign, args.out, args.copy)
+    try:
+        write_groups(kept, assign, part, args.copy)
+        if os.path.isdir(out):
+            os.rmdir(out)  # the empty OUT allowed above: renaming onto a folder is not portable
+        os.rename(part, out)
+    except BaseException as e:  # Ctrl-C or a full disk: remove the partial groups (rmtree unlinks links, never their photos)
+        shutil.rmtree(part, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SystemExit(f"error: cannot write the groups to '{args.out}' ({e.strerror or e}); free space or pass "
+                             "a writable folder") from None
+        raise
     sizes = torch.bincount(assign).tolist()
     fewer = f" (only {len(sizes)} different layouts among them)" if len(sizes) < args.groups else ""
     print(f"{len(kept)} photos in {len(sizes)} groups of {min(sizes)}-{max(sizes)} in {args.out}{fewer}; train with "

@@ -8,6 +8,7 @@ event file in the folder is read (a resumed run writes one per start), nothing i
 import argparse
 import math
 import os
+import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -39,7 +40,11 @@ def load_scalars(run_dir):
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = sorted(acc.Scalars(tag), key=lambda e: e.step)
-        out[tag] = ([e.step for e in events], [e.value for e in events])
+        finite = [e for e in events if math.isfinite(e.value)]  # an inf/nan loss would stretch the axis to infinity
+        if len(finite) < len(events):
+            print(f"warning: {len(events) - len(finite)} non-finite {tag} value(s) left out of the plot", file=sys.stderr)
+        if finite:
+            out[tag] = ([e.step for e in finite], [e.value for e in finite])
     if not any(tag in out for tag, *_ in LOSSES):
         raise SystemExit(f"error: no Loss/batch or Loss/epoch scalars in {run_dir}; pass a run folder "
                          "written by train.py, such as dit_training/<run>.")

@@ -23,9 +23,9 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import metrics  # noqa: E402
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from config import build_config, parse_train_args  # noqa: E402
-from dataset import DEFAULT_DATA_DIR, enlarge, find_images, held_out_files  # noqa: E402
+from dataset import DEFAULT_DATA_DIR, DataError, enlarge, find_images, folder_files, held_out_files  # noqa: E402
 from diffusion import make_diffusion  # noqa: E402
 from distributed import autocast_for, pick_device, precision  # noqa: E402
 from sample import load_model  # noqa: E402
@@ -57,6 +57,10 @@ def parse_args(argv=None):
         p.error(f"--reference folder '{args.reference}' not found")
     if args.reference_holdout < 1:
         p.error("--reference-holdout must be at least 1")
+    photos = len(folder_files(args.reference)) if args.reference else 0
+    if args.reference and args.reference_holdout >= photos:  # refused now, not after the first training increment
+        p.error(f"--reference-holdout {args.reference_holdout} needs more than {args.reference_holdout} photos in "
+                f"'{args.reference}', which has {photos}; lower --reference-holdout")
     if "run" not in overrides:
         p.error("pass --run NAME among the train.py flags, so the curve has its own run")
     cfg = build_config(overrides, torch.cuda.is_available())
@@ -105,14 +109,26 @@ def measure(state, n, steps, noise_sets=1, reference=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        curve(parse_args(argv))
+    except (DataError, CheckpointError) as e:  # a folder moved or emptied, no latest.pt: one line, as train.py says it
+        raise SystemExit(f"error: {e}")
+
+
+def curve(args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = 0.0
     print(f"| {'step' if args.at_steps else 'minutes'} | step | SWD mean | per level (64/32/16 px) |\n|---|---|---|---|", flush=True)
     for minutes in args.at_steps or args.minutes:
         budget = ["--max-steps", str(minutes)] if args.at_steps else ["--max-minutes", str(minutes - done)]
         cmd = [sys.executable, os.path.join(root, "train.py"), *args.train_flags, *budget, "--eval-every", "0"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
+        if code > 0:  # train.py has said why in its own error line: its exit code, no CalledProcessError traceback
+            raise SystemExit(code)
+        if code < 0:  # killed by signal N, so it said nothing: one line, and 128 + N as a shell reports it
+            print(f"error: train.py was killed by signal {-code} (out of memory?) before the {minutes:g} point; free memory "
+                  "or lower --batch-size among the train flags and run again: it resumes", file=sys.stderr)
+            raise SystemExit(128 - code)
         done = minutes
         state = load_checkpoint(os.path.join(args.run_dir, "latest.pt"))
         t0 = time.time()

@@ -138,3 +138,25 @@ def test_matmul_peak_stops_at_a_product_slower_than_its_budget(monkeypatch):
     monkeypatch.setattr(bench.torch, "mm", lambda a, b: fake_mm(a, b, 0.01))
     bench.matmul_peak(torch.device("cpu"), seconds=0.5)
     assert sizes.count(1024) > 3 and sizes.count(2048) > 3
+
+
+def test_a_bad_data_dir_is_one_error_line_before_any_measurement(monkeypatch, tmp_path):
+    """A missing or empty --data-dir stops with one 'error:' line naming it, before the matmul peak or any
+    training is measured: no DataError traceback, and not minutes later."""
+    measured = []
+    monkeypatch.setattr(bench, "peaks", lambda *a: measured.append(1) or ({"fp32": 1.0}, "fp32"))
+    monkeypatch.setattr(bench, "bench_arch", lambda *a: measured.append(2))
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "typo", tmp_path / "empty"):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--quick", "--presets", "tiny", "--data-dir", str(folder)])
+        assert str(e.value.code).startswith("error:") and str(folder) in str(e.value.code) and "--data-dir" in str(e.value.code)
+    assert not measured
+
+
+def test_a_workers_typo_is_refused_while_parsing(capsys):
+    """--workers 0,x stops at argument parsing (exit 2, naming the flag), not with a ValueError after the training runs."""
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--workers", "0,x"])
+    assert e.value.code == 2 and "--workers" in capsys.readouterr().err
+    assert bench.parse_args(["--workers", "0,2"]).workers == [0, 2] and bench.parse_args([]).workers == []

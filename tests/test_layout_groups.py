@@ -68,3 +68,37 @@ def test_kmeans_keeps_the_best_restart():
     """Of its restarts k-means keeps the lowest inertia: the left/right split, not the worse top/bottom one."""
     feat = torch.tensor([[0.0, 0], [0, 1], [10, 0], [10, 1]])
     assert layout_groups.kmeans(feat, 2).tolist() in ([0, 0, 1, 1], [1, 1, 0, 0])
+
+
+def test_too_large_holdout_is_one_error_line(tmp_path):
+    """--holdout 1000 on 8 photos: one 'error:' line naming the flag, not a DataError traceback."""
+    with pytest.raises(SystemExit, match="^error: cannot hold out 1000 of 8 .*lower --holdout"):
+        layout_groups.main([str(photos(tmp_path / "src")), str(tmp_path / "out"), "--holdout", "1000"])
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("copy", [[], ["--copy"]])
+def test_a_failed_write_leaves_no_half_filled_folder(tmp_path, monkeypatch, copy):
+    """The groups are written to OUT.part and renamed at the end: a write that fails half-way (a full disk) is one
+    'error:' line and leaves neither OUT, which train.py would train on, nor OUT.part; into an empty OUT works."""
+    src, out, calls = photos(tmp_path / "src"), tmp_path / "out", []
+
+    def second_fails(real):
+        def write(a, b):
+            calls.append(b)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real(a, b)
+        return write
+    module, name = (layout_groups.shutil, "copyfile") if copy else (layout_groups.os, "symlink")
+    monkeypatch.setattr(module, name, second_fails(getattr(module, name)))
+    with pytest.raises(SystemExit, match="^error: cannot write the groups .*No space left"):
+        layout_groups.main([str(src), str(out), "--groups", "2", "--size", "16", *copy])
+    assert not out.exists() and not (tmp_path / "out.part").exists() and len(os.listdir(src)) == 8  # photos untouched
+    monkeypatch.undo()
+    out.mkdir()
+    layout_groups.main([str(src), str(out), "--groups", "2", "--size", "16", *copy])
+    assert len(find_images(str(out))[0]) == 7 and not (tmp_path / "out.part").exists()
+    (tmp_path / "o2.part").mkdir()
+    with pytest.raises(SystemExit, match="o2.part' exists .* delete it"):
+        layout_groups.main([str(src), str(tmp_path / "o2"), "--groups", "2", "--size", "16"])

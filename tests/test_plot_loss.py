@@ -48,3 +48,14 @@ def test_plot_loss_names_a_folder_without_events(tmp_path):
 def test_plot_goes_beside_the_run_by_default():
     """Without --out the plot is written into the run's log folder, not the working folder."""
     assert plot_loss.parse_args(["runs/r"]).out == os.path.join("runs/r", "loss.png")
+
+
+def test_non_finite_losses_are_left_out_and_the_rest_is_drawn(tmp_path, capsys):
+    """A diverged step logged Loss/batch = inf (and one nan): the plot is drawn from the finite points, with a warning."""
+    run = tmp_path / "run"
+    with SummaryWriter(str(run)) as w:
+        for step, loss in ((1, 0.9), (2, float("inf")), (3, 0.5), (4, float("nan")), (5, 0.4)):
+            w.add_scalar("Loss/batch", loss, step)
+    plot_loss.main([str(run), "--out", str(tmp_path / "loss.png"), "--width", "320", "--height", "200"])
+    assert has_colour(Image.open(tmp_path / "loss.png").convert("RGB"), plot_loss.BLUE)
+    assert "2 non-finite Loss/batch value(s) left out" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """scripts/quality_curve.py: increments of one run, an SWD per point, and its refusals."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -76,10 +77,45 @@ def test_one_point_of_a_cosine_run_is_allowed():
 def test_minutes_are_cumulative(tmp_path, monkeypatch):
     """--minutes 5 10 20 trains 5, then 5 more, then 10 more: each increment runs what the last one left."""
     cmds = []
-    monkeypatch.setattr(quality_curve.subprocess, "run", lambda cmd, **k: cmds.append(cmd))
+    monkeypatch.setattr(quality_curve.subprocess, "run", lambda cmd, **k: cmds.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     monkeypatch.setattr(quality_curve, "load_checkpoint", lambda p: {"step": 1})
     monkeypatch.setattr(quality_curve, "save_image", lambda *a, **k: None)
     monkeypatch.setattr(quality_curve, "measure", lambda *a: (dict(levels=[1.0], mean=1.0, n_fake=1, n_real=1, seams=1.0,
                                                                    seams_reference=1.0), torch.zeros(1, 3, 8, 8)))
     quality_curve.main(["--minutes", "5", "10", "20", "--", "--preset", "tiny", "--run", "c", "--ckpt-dir", str(tmp_path)])
     assert [c[c.index("--max-minutes") + 1] for c in cmds] == ["5.0", "5.0", "10.0"]
+
+
+@pytest.mark.parametrize("child, code", [("print('error: a one-line refusal', file=sys.stderr); sys.exit(3)", 3),
+                                         ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + 9)])
+def test_a_failed_train_run_stops_the_curve_with_its_exit_code(child, code, monkeypatch, capsys):
+    """train.py refusing (its own error line, exit 3) or killed (SIGKILL) stops the curve with that exit code (128 + N for
+    signal N) and no CalledProcessError traceback; a kill, which says nothing itself, gets one 'error:' line."""
+    real_run = subprocess.run
+    monkeypatch.setattr(quality_curve.subprocess, "run", lambda cmd, **k: real_run([sys.executable, "-c", "import sys; " + child], **k))
+    monkeypatch.setattr(quality_curve, "load_checkpoint", lambda p: pytest.fail("measured after a failed training run"))
+    with pytest.raises(SystemExit) as e:
+        quality_curve.main(["--at-steps", "2", "--", "--preset", "tiny", "--run", "c"])
+    assert e.value.code == code
+    err = capsys.readouterr().err.splitlines()
+    assert err == [] if code == 3 else len(err) == 1 and err[0].startswith("error: train.py was killed by signal 9")
+
+
+def test_reference_holdout_beyond_the_folder_is_refused_before_training(tmp_path, capsys):
+    photos = make_pandas(tmp_path / "photos", 3)
+    with pytest.raises(SystemExit) as e:
+        quality_curve.parse_args(["--at-steps", "2", "--reference", photos, "--reference-holdout", "3", "--", "--preset", "tiny", "--run", "c"])
+    assert e.value.code == 2 and "which has 3; lower --reference-holdout" in capsys.readouterr().err
+
+
+def test_data_and_checkpoint_problems_are_one_error_line(tmp_path, monkeypatch):
+    """An empty --reference folder (DataError) or a run without latest.pt (CheckpointError) ends in one 'error:' line
+    naming the folder or file, not a traceback."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        quality_curve.main(["--at-steps", "2", "--reference", str(tmp_path / "empty"), "--", "--preset", "tiny", "--run", "c"])
+    assert str(e.value.code).startswith("error: no images found in") and str(tmp_path / "empty") in e.value.code
+    monkeypatch.setattr(quality_curve.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0))  # trained nothing
+    with pytest.raises(SystemExit) as e:
+        quality_curve.main(["--at-steps", "2", "--", "--preset", "tiny", "--run", "c", "--ckpt-dir", str(tmp_path / "ck")])
+    assert str(e.value.code).startswith("error: checkpoint") and os.path.join(str(tmp_path / "ck"), "c", "latest.pt") in e.value.code
