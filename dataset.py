@@ -201,19 +201,26 @@ def decode_all(files, size, out):
     return kept, bad
 
 
+def _left_by_dead_process(name, prefix):
+    """Whether `name` is `prefix` + the pid of a process that no longer runs (what a killed writer leaves)."""
+    pid = name[len(prefix):]
+    if not (name.startswith(prefix) and pid.isdigit()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive, someone else's
+    return False
+
+
 def _remove_dead_temps(path):
     """Partial cache files of this key left by a process that was killed while writing them."""
     folder, base = os.path.dirname(path) or ".", os.path.basename(path)
     for name in os.listdir(folder):
-        for prefix in (base + ".tmp", base + ".files.tmp"):
-            pid = name[len(prefix):]
-            if name.startswith(prefix) and pid.isdigit():
-                try:
-                    os.kill(int(pid), 0)
-                except ProcessLookupError:
-                    os.remove(os.path.join(folder, name))
-                except OSError:
-                    pass  # alive, someone else's
+        if any(_left_by_dead_process(name, base + suffix) for suffix in (".tmp", ".files.tmp")):
+            os.remove(os.path.join(folder, name))
 
 
 def build_cache(files, size, path, root="the data folder"):
@@ -407,19 +414,33 @@ def draw_panda(rng, size=256):
 def generate_pandas(folder, n, size=256, seed=0):
     """Write n procedural pandas as PNGs into `folder` (an empty or missing one).
 
-    They are drawn into `<folder>.part` and renamed at the end, so an interrupted run leaves no
-    half-filled folder that the next run would take for the whole dataset.
+    They are drawn into `<folder>.part<pid>` and renamed at the end, so an interrupted run leaves no
+    half-filled folder that the next run would take for the whole dataset, and two runs drawing at once
+    (two trainings started together on a fresh clone) each draw into their own.
     """
-    part = folder.rstrip(os.sep) + ".part"
-    shutil.rmtree(part, ignore_errors=True)  # what an interrupted run left
+    base = folder.rstrip(os.sep)
+    parent, stem = os.path.dirname(base) or ".", os.path.basename(base)
+    for name in os.listdir(parent) if os.path.isdir(parent) else []:
+        if _left_by_dead_process(name, stem + ".part"):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    part = f"{base}.part{os.getpid()}"
     os.makedirs(part)
     jobs = [(os.path.join(part, f"panda_{i:05d}.png"), size, seed * 1_000_003 + i) for i in range(n)]
-    with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
-        for _ in tqdm(pool.imap_unordered(_write_panda, jobs, chunksize=8), total=n, desc=f"drawing {n} pandas into {folder}", leave=False):
-            pass
-    if os.path.isdir(folder) and not os.path.islink(folder):
-        os.rmdir(folder)  # empty, or the caller would not draw into it
-    os.replace(part, folder)
+    try:
+        with multiprocessing.get_context("spawn").Pool(min(len(jobs), os.cpu_count() or 1)) as pool:
+            for _ in tqdm(pool.imap_unordered(_write_panda, jobs, chunksize=8), total=n, desc=f"drawing {n} pandas into {folder}", leave=False):
+                pass
+    except BaseException:  # Ctrl-C or a full disk: nothing half-drawn stays behind
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    try:
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            os.rmdir(folder)  # empty, or the caller would not draw into it
+        os.replace(part, folder)
+    except OSError:
+        if not (os.path.isdir(folder) and os.listdir(folder)):
+            raise
+        shutil.rmtree(part)  # another run filled the folder first: its pandas serve this run too
 
 
 def _write_panda(job):

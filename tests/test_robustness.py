@@ -850,11 +850,28 @@ def test_procedural_pandas_appear_only_when_all_are_drawn(monkeypatch):
     monkeypatch.setattr(dataset, "tqdm", one_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         dataset.generate_pandas("data", 3, size=32)
-    assert not os.path.exists("data")
+    assert not os.path.exists("data") and not glob.glob("data.part*")
     monkeypatch.setattr(dataset, "tqdm", real_tqdm)
     dataset.generate_pandas("data", 3, size=32)
     assert sorted(os.listdir("data")) == ["panda_00000.png", "panda_00001.png", "panda_00002.png"]
-    assert not os.path.exists("data.part")
+    assert not glob.glob("data.part*")
+
+
+def test_two_runs_drawing_the_pandas_at_once_both_go_on(monkeypatch):
+    """Two trainings started together on a fresh clone both draw the pandas: each into its own folder, and the one
+    that finishes second keeps the first one's folder instead of failing; a killed run's drawing is cleared."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(f"data.part{dead.pid}")  # what a SIGKILLed drawing leaves
+    real_tqdm = dataset.tqdm
+
+    def the_other_run_finishes_first(items, **kwargs):
+        yield from real_tqdm(items, **kwargs)
+        make_images("data", n=2)
+    monkeypatch.setattr(dataset, "tqdm", the_other_run_finishes_first)
+    dataset.generate_pandas("data", 3, size=32)
+    assert sorted(os.listdir("data")) == ["panda_00.png", "panda_01.png"]
+    assert not glob.glob("data.part*")
 
 
 def test_budget_and_workers_of_one_invocation_do_not_follow_the_run(capsys):
