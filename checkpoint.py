@@ -44,6 +44,7 @@ class Progress:
     bad_steps: int = 0  # non-finite steps in a row
     skipped_steps: int = 0  # non-finite steps in all
     best_swd: float = 0.0  # 0: no evaluation yet
+    best_of: str = ""  # what best_swd was measured on (counts, sampler, reference): a best on others is no best
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import metrics
 from checkpoint import (CheckpointError, Progress, atomic_save, check_not_in_use, check_writable, hold_run, load_latest,
                         make_state, remove_empty, restore, save_checkpoint)
-from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args
+from config import ARCH_FIELDS, Config, build_config, config_from_dict, parse_train_args, resolve_sampler
 from dataset import (DEFAULT_DATA_DIR, DataError, EpochBatches, ImageCache, enlarge, generate_pandas, held_out_files,
                      make_loader)
 from diffusion import make_diffusion
@@ -282,12 +282,19 @@ def evaluate(run, progress):
         run.log.scalars(step, **{"Quality/faces": faces[0]})
     nrow = int(math.ceil(math.sqrt(min(cfg.sample_n, cfg.eval_n))))
     run.log.images("Quality/samples", make_grid(enlarge((fake[:cfg.sample_n] + 1) / 2), nrow=nrow), step)
-    best = progress.best_swd or math.inf  # 0 (none yet, or an older checkpoint): no best yet
+    # SWD moves with the image counts, the sampler and the reference: a best measured otherwise is no yardstick
+    measured_on = (f"{result['n_fake']} samples vs {result['n_real']} reference images, {resolve_sampler(cfg)}-{cfg.eval_steps} "
+                   f"spacing {cfg.sample_spacing:g}, --holdout {cfg.holdout} of {cfg.data_dir or DEFAULT_DATA_DIR}")
+    if progress.best_swd and progress.best_of not in ("", measured_on):  # "": a checkpoint older than best_of
+        say(f"step {step}: the evaluation changed since best.pt ({progress.best_of} -> {measured_on}); "
+            "this score starts a new best")
+        progress.best_swd = 0.0
+    best = progress.best_swd or math.inf  # 0: no best yet
     say(f"step {step}: SWD {result['mean']:.1f} (" + ", ".join(f"{res}px {v:.1f}" for res, v in levels.items())
         + f"), {result['n_fake']} samples vs {result['n_real']} reference images, best {min(best, result['mean']):.1f}"
         + (f"; {faces[0]:.0%} with a panda's face ({faces[1]:.0%} of the data)" if faces else "") + f" [{time.time() - t0:.0f}s]")
     if result["mean"] < best:
-        progress.best_swd = result["mean"]
+        progress.best_swd, progress.best_of = result["mean"], measured_on
         save_best(run, progress)
 
 

@@ -163,6 +163,24 @@ def test_training_logs_swd_keeps_best_and_excludes_holdout(tmp_path, capsys):
     assert trained.count(".png") == 8 and not any(name in trained for name in held)
 
 
+def test_a_best_from_another_evaluation_is_not_kept_against_this_one(tmp_path, capsys):
+    """SWD depends on the counts and the sampler: after a resume that evaluates otherwise (here more sampler steps),
+    a best scored the old way is no yardstick, so the first new score becomes best.pt; the same evaluation keeps it."""
+    data = make_pandas(tmp_path / "pandas", 12, size=32)
+    flags = ["--eval-every", 2, "--eval-n", 4, "--holdout", 4, "--no-log-graph", "--run", "q"]
+    run_train(tmp_path, data, "--max-steps", 2, "--eval-steps", 2, *flags)
+    folder = tmp_path / "checkpoints" / "q"
+    for name in ("step_0000002.pt", "latest.pt"):  # as if the old evaluation had scored a best no model could beat
+        state = torch.load(folder / name, weights_only=True)
+        torch.save({**state, "best_swd": 1e-9}, folder / name)
+    run_train(tmp_path, data, "--max-steps", 4, "--eval-steps", 2, *flags)
+    assert torch.load(folder / "best.pt", weights_only=True)["step"] == 2  # the same evaluation: 1e-9 stands
+    run_train(tmp_path, data, "--max-steps", 6, "--eval-steps", 3, *flags)
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert best["step"] == 6 and best["best_swd"] > 1e-9 and "ddim-3" in best["best_of"]
+    assert "the evaluation changed since best.pt" in capsys.readouterr().out
+
+
 def test_unreadable_reference_photos_skip_the_swd_not_the_run(tmp_path, capsys):
     """Held-out photos are read only at the first evaluation: if none can be read, that evaluation says so
     in one line and training goes on to its checkpoint (no traceback, no lost run)."""
