@@ -527,6 +527,15 @@ def format_row(name, result):
     return f"{name:<24} SWD x1e3 {result['mean']:7.2f}{spread} {counts(result)}   {levels}"
 
 
+def samples_as_training_scores_them(paths, size):
+    """Samples smaller than `size` (a 48 px model's), enlarged the way training's evaluation enlarges its own
+    (as_saved_png, not PIL's bicubic), so that sample.py's PNGs score here as they did in training; None otherwise."""
+    native = native_size(paths[0])
+    if native >= size:
+        return None
+    return as_saved_png(load_images(paths, native).float() / 127.5 - 1, size)
+
+
 def report_floor(args, n_real, n_fake):
     rows = calibrate(load_images(folder_files(args.real_dir), args.size), n_real, n_fake, args.splits, args.seed, args.norm)
     for name, result in rows:
@@ -568,7 +577,8 @@ def report(args):
         return report_floor(args, args.n, args.n_fake)
     fake_paths = sample_files(args.fake_dir)[:args.n_fake]
     real, fake = load_images(folder_files(args.real_dir)[:args.n], args.size), load_images(fake_paths, args.size)
-    result = swd(real, fake, args.seed, norm=args.norm)
+    scored = samples_as_training_scores_them(fake_paths, args.size)
+    result = swd(real, fake if scored is None else scored, args.seed, norm=args.norm)
     print(format_row("samples", result))
     if args.calibrate:
         report_floor(args, result["n_real"], result["n_fake"])

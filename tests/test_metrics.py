@@ -112,6 +112,22 @@ def test_samples_and_reference_photos_are_scored_on_one_scale(tmp_path):
         assert result["mean"] == 0.0 and (result["n_real"], result["n_fake"]) == (4, 4)
 
 
+def test_the_cli_scores_small_samples_as_training_does(tmp_path, capsys):
+    """`metrics.py REAL SAMPLES` on sample.py's PNGs of a 48 px model must give training's figure for those samples:
+    they are enlarged to 64 px as training enlarges its own, not by PIL's bicubic (a different 64 px level)."""
+    from torchvision.utils import save_image
+    real = make_pandas(tmp_path / "real", 6, size=64)
+    g = torch.Generator().manual_seed(0)
+    fake = torch.randint(0, 256, (6, 3, 24, 24), generator=g).float() / 127.5 - 1  # on a PNG's 8-bit steps
+    os.makedirs(tmp_path / "fake")
+    for i, img in enumerate(fake):
+        save_image((img + 1) / 2, tmp_path / "fake" / f"{i:04d}.png")  # as sample.py saves them
+    expected = metrics.score_samples(fake, tuple(folder_files(real)))
+    metrics.main([real, str(tmp_path / "fake"), "--n", "6"])
+    printed = float(capsys.readouterr().out.split("SWD x1e3")[1].split()[0])
+    assert printed == pytest.approx(expected["mean"], abs=0.006)  # printed to 2 decimals
+
+
 def test_cli_prints_levels_and_explains_bad_folders(tmp_path, capsys):
     real, fake = make_pandas(tmp_path / "real", 6, size=32), make_pandas(tmp_path / "fake", 6, size=32, seed=1)
     metrics.main([real, fake, "--size", "32", "--n", "6"])
