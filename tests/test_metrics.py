@@ -388,6 +388,16 @@ def test_cartoon_faces_pass_every_drawn_panda_and_no_blocks_or_noise():
     assert metrics.faces_against(real, metrics.cartoon_faces(noise)) is None
 
 
+@pytest.mark.parametrize("size", [96, 256])
+def test_larger_pandas_are_checked_for_faces_at_48_px(size):
+    """At 96 px and up a nose and a mouth are dark spots of >= 2 pixels that white surrounds, so pandas drawn without
+    eye patches would pass; checked at 48 px (as panda256's grids are scored) they do not, and drawn ones do."""
+    assert metrics.cartoon_faces(pandas(8, size=size, seed=3)) == 1.0
+    with mock.patch.object(Image.Image, "paste", lambda *args, **kwargs: None):  # draw_panda pastes the eye patches
+        no_eyes = pandas(8, size=size, seed=3)
+    assert metrics.cartoon_faces(no_eyes) == 0.0
+
+
 def test_cartoon_face_needs_four_dark_parts_on_the_outline():
     """A white disk with two dark eye spots is a face only once four dark parts sit on its rim (ears, arms, legs):
     with three or fewer it is not."""
