@@ -154,7 +154,10 @@ def _copy_latest(folder, target):
     _fsync_dir(folder)
 
 
-def _alive(pid):
+def pid_alive(pid):
+    """Whether a process runs under this pid, for the temp files a killed writer leaves (named by its pid)."""
+    if os.name == "nt":  # signal 0 there is CTRL_C_EVENT, no probe: never take another process's files for dead
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -168,7 +171,7 @@ def remove_stale_temps(folder):
     """Delete temp files left by a writer that was killed mid-save (never those of a live process)."""
     for name in os.listdir(folder):
         m = TEMP_FILE.match(name)
-        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+        if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             os.remove(os.path.join(folder, name))
 
 
@@ -286,13 +289,16 @@ def check_writable(*folders, fix):
 
 
 def _locked_by(f):
-    """The pid written in a lock file another process holds, or None if this process could take the lock."""
+    """The pid written in a lock file another process holds, or None if this process could take the lock (or the
+    file system cannot lock at all, e.g. some network mounts: the run then goes unchecked, as on Windows)."""
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
         f.seek(0)
         return f.read().strip() or "?"
+    except OSError:
+        return None
 
 
 def _in_use(folder, pid):
@@ -305,7 +311,7 @@ def check_not_in_use(folder):
     path = os.path.join(folder, RUN_LOCK)
     if fcntl is None or not os.path.exists(path):
         return
-    with open(path) as f:  # closing it frees the lock this may have taken
+    with open(path, "a+") as f:  # writable: NFS locks a read-only file for reading only; closing frees what it took
         pid = _locked_by(f)
     if pid is not None:
         raise CheckpointError(_in_use(folder, pid))
@@ -321,6 +327,8 @@ def hold_run(folder):
     if pid is not None:
         f.close()
         raise CheckpointError(_in_use(folder, pid))
+    # A forked child (a DataLoader worker) shares the lock: it would keep the run locked after this process is killed.
+    os.register_at_fork(after_in_child=f.close)
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()

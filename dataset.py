@@ -20,6 +20,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from checkpoint import pid_alive
+
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_DATA_DIR = os.path.join("data", "pandas")
 
@@ -162,7 +164,7 @@ def enlarge(images, min_pixels=GRID_MIN_PIXELS):
 
 
 def cache_key(files, size):
-    h = hashlib.sha1(f"v1 {size}".encode())
+    h = hashlib.sha1(f"v2 {size}".encode())  # v2: file lists in UTF-8 (v1 wrote the locale's encoding)
     for path, label in files:
         try:
             st = os.stat(path)
@@ -204,15 +206,7 @@ def decode_all(files, size, out):
 def _left_by_dead_process(name, prefix):
     """Whether `name` is `prefix` + the pid of a process that no longer runs (what a killed writer leaves)."""
     pid = name[len(prefix):]
-    if not (name.startswith(prefix) and pid.isdigit()):
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        pass  # alive, someone else's
-    return False
+    return name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid))
 
 
 def _remove_dead_temps(path):
@@ -256,9 +250,9 @@ class ImageCache(torch.utils.data.Dataset):
     """Decoded images of a folder as one memory-mapped uint8 tensor; items are (CHW uint8, label)."""
 
     def __init__(self, root, size, cache_dir, exclude=()):
-        files, self.classes = find_images(root)
+        listed, self.classes = find_images(root)
         exclude = set(exclude)  # paths held out, e.g. as the SWD reference (holdout_split)
-        files = [(f, label) for f, label in files if f not in exclude]
+        files = [(f, label) for f, label in listed if f not in exclude]
         if not files:
             raise DataError(f"no images ({', '.join(EXTENSIONS)}) found in '{root}'; add some or point --data-dir elsewhere")
         try:
@@ -273,11 +267,13 @@ class ImageCache(torch.utils.data.Dataset):
             kept = build_cache(files, size, path, root)
         self.files = [f for f, _ in kept]
         self.labels = torch.tensor([label for _, label in kept], dtype=torch.long)
-        bare = [name for i, name in enumerate(self.classes) if not (self.labels == i).any()]
+        bare = [i for i in range(len(self.classes)) if not (self.labels == i).any()]
         if bare:  # its label would be sampled (grids, --label) from an embedding that never trained
-            why = "the hold-out takes the last files in sorted order" if exclude else "none of its images can be used"
-            raise DataError(f"label folder(s) {', '.join(repr(b) for b in bare)} of '{root}' keep no training image ({why}); "
-                            "lower --holdout or add images to them")
+            held = any(label == bare[0] and f in exclude for f, label in listed)
+            why, fix = (("the hold-out takes the last files in sorted order", "lower --holdout") if held else
+                        ("none of its images can be used", "add images it can read"))
+            raise DataError(f"label folder(s) {', '.join(repr(self.classes[i]) for i in bare)} of '{root}' keep no "
+                            f"training image ({why}); {fix}")
         n = len(kept)
         self.images = torch.from_file(path, shared=False, size=n * size * size * 3, dtype=torch.uint8).view(n, size, size, 3)
 

@@ -536,7 +536,14 @@ def format_row(name, result):
 def samples_as_training_scores_them(paths, size):
     """Samples smaller than `size` (a 48 px model's), enlarged the way training's evaluation enlarges its own
     (as_saved_png, not PIL's bicubic), so that sample.py's PNGs score here as they did in training; None otherwise."""
-    native = native_size(paths[0])
+    for path in paths:  # the first readable one: load_images skips the others with a warning
+        try:
+            native = native_size(path)
+            break
+        except DataError:
+            continue
+    else:
+        raise DataError(f"none of the {len(paths)} image files could be read")
     if native >= size:
         return None
     return as_saved_png(load_images(paths, native).float() / 127.5 - 1, size)
@@ -582,8 +589,9 @@ def report(args):
     if not args.fake_dir:
         return report_floor(args, args.n, args.n_fake)
     fake_paths = sample_files(args.fake_dir)[:args.n_fake]
-    real, fake = load_images(folder_files(args.real_dir)[:args.n], args.size), load_images(fake_paths, args.size)
+    real = load_images(folder_files(args.real_dir)[:args.n], args.size)
     scored = samples_as_training_scores_them(fake_paths, args.size)
+    fake = load_images(fake_paths, args.size) if scored is None or args.kid or args.fid else None
     result = swd(real, fake if scored is None else scored, args.seed, norm=args.norm)
     print(format_row("samples", result))
     if args.calibrate:

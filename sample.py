@@ -172,8 +172,10 @@ def main(argv=None):
 
 
 def earlier_output(out, n, trajectory):
-    """Files an earlier sample.py wrote to `out` that this one will not overwrite: left there, metrics.py
-    would score them together with the new images."""
+    """Files an earlier sample.py wrote to `out` (its grid.png says one did) that this one will not overwrite: left
+    there, metrics.py would score them with the new images, and an old trajectory.png be taken for this one's."""
+    if not os.path.exists(os.path.join(out, "grid.png")):
+        return []  # another folder of the user's: nothing in it is ours to remove
     names = [f for f in os.listdir(out) if re.fullmatch(r"\d{4,}\.png", f) and int(f[:-4]) >= n]
     if not trajectory and os.path.exists(os.path.join(out, "trajectory.png")):
         names.append("trajectory.png")

@@ -41,11 +41,11 @@ from optim import build_training, ema_decay_at, ema_update, lr_at, train_step
 RUNTIME_FIELDS = ("max_minutes", "device", "num_workers", "compile", "dist_timeout")
 
 
-def resolve_config(overrides, fresh, rank):
-    """Config from preset + flags, or from the run's checkpoint + flags when resuming."""
+def resolve_config(overrides, fresh, rank, peek=False):
+    """Config from preset + flags, or from the run's checkpoint + flags when resuming (peek: only to show it)."""
     cfg = build_config(overrides, torch.cuda.is_available())
     run_dir = os.path.join(cfg.ckpt_dir, cfg.run)
-    if rank == 0:
+    if rank == 0 and not peek:
         check_not_in_use(run_dir)  # before a word about resuming it, and before --fresh moves it away under its writer
     if fresh and rank == 0:
         move_aside(run_dir, os.path.join(cfg.log_dir, cfg.run))
@@ -336,7 +336,7 @@ def save_best(run, progress):
 def print_config(overrides, fresh):
     """--print-config: the settings a command would train with, as JSON; nothing is written or moved."""
     try:
-        cfg = build_config(overrides, torch.cuda.is_available()) if fresh else resolve_config(overrides, False, 0)[0]
+        cfg = build_config(overrides, torch.cuda.is_available()) if fresh else resolve_config(overrides, False, 0, peek=True)[0]
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     print(json.dumps(vars(cfg), indent=2))
@@ -373,8 +373,8 @@ def main(argv=None):
         if run is not None:
             run.log.close()
         if lock is not None:
-            if not started:  # the run folder is then as this call found it (and removed if it made it)
-                os.remove(lock.name)
+            if not started and os.path.abspath(os.path.dirname(lock.name)) in created:
+                os.remove(lock.name)  # so that remove_empty can take the run folder this call made
             lock.close()
         if not started:
             remove_empty(created)

@@ -432,9 +432,49 @@ def test_a_second_train_py_on_a_live_run_is_refused_and_fresh_does_not_move_it(c
         assert str(e.value) == (f"error: run folder '{RUN_DIR}' is in use by another train.py (pid {os.getpid()}); "
                                 "wait for it or stop it, or pass --run NAME to train another run")
         assert sorted(os.listdir(RUN_DIR)) == before and not glob.glob(RUN_DIR + "-old-*")
+    train.main([*argv(steps=4), "--print-config"])  # only shows the settings: no reason to refuse
+    assert '"max_steps": 4' in capsys.readouterr().out
     holder.close()
     run(steps=4)
     assert latest()["step"] == 4
+
+
+@pytest.mark.skipif(checkpoint.fcntl is None, reason="no file locks on this platform")
+def test_a_file_system_that_cannot_lock_trains_unchecked(monkeypatch):
+    """Some network mounts refuse locks (ENOLCK, or EBADF for a lock they cannot take): a run there goes on as on a
+    platform without locks, and resumes, instead of failing on the lock."""
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(checkpoint.fcntl, "flock", refuse)
+    run(steps=2)
+    run(steps=4)
+    assert latest()["step"] == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_killed_runs_lock_is_not_kept_by_its_forked_workers():
+    """DataLoader workers are forked and would share the run's lock: after a SIGKILL of train.py they live on for
+    seconds, and the same command run again at once would be refused. A fork closes the lock in the child."""
+    os.makedirs(RUN_DIR)
+    holder = checkpoint.hold_run(RUN_DIR)
+    child = os.fork()
+    if child == 0:  # a worker that outlives its parent's lock file
+        time.sleep(5)
+        os._exit(0)
+    try:
+        holder.close()  # as the killed train.py's own file is closed by the kernel
+        deadline = time.time() + 3  # the child closes its copy just after the fork returns here
+        while True:
+            try:
+                checkpoint.hold_run(RUN_DIR).close()  # the same command again: not refused
+                break
+            except CheckpointError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 def test_milestones_are_saved_when_ckpt_every_does_not_divide_them():
@@ -939,12 +979,13 @@ def test_a_hold_out_that_takes_a_whole_label_is_a_clear_error():
     with pytest.raises(DataError) as e:
         ImageCache("labelled", 16, "c", exclude=held_out_files("labelled", 3))
     assert str(e.value) == ("label folder(s) 'red' of 'labelled' keep no training image (the hold-out takes the last "
-                            "files in sorted order); lower --holdout or add images to them")
-    with open(os.path.join("labelled", "red", "panda_00.png"), "wb") as f:
+                            "files in sorted order); lower --holdout")
+    os.makedirs(os.path.join("labelled", "aaa"))
+    with open(os.path.join("labelled", "aaa", "bad.png"), "wb") as f:  # a label whose one image cannot be read
         f.write(b"not a png")
-    os.remove(os.path.join("labelled", "red", "panda_01.png"))
-    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"^label folder\(s\) 'red' .*\(none of its images can be used\)"):
-        ImageCache("labelled", 16, "c2")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match=r"^label folder\(s\) 'aaa' .*\(none of its images can "
+                                                                 r"be used\); add images it can read$"):
+        ImageCache("labelled", 16, "c2", exclude=held_out_files("labelled", 1))  # the hold-out takes one of red's
 
 
 def test_a_file_name_that_is_not_utf8_is_read_like_any_other():

@@ -68,6 +68,11 @@ def test_sampling_again_into_a_folder_leaves_none_of_the_earlier_images(plain, t
     run_sample("--ckpt", plain, "--n", 2, "--steps", 2, "--out", tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["0000.png", "0001.png", "grid.png", "notes.txt"]
     assert "removed 4 file(s) an earlier sampling left" in capsys.readouterr().out
+    mine = tmp_path / "mine"  # a folder of the user's own, no grid.png: nothing in it is removed
+    mine.mkdir()
+    (mine / "2023.png").write_bytes(b"a photo")
+    run_sample("--ckpt", plain, "--n", 2, "--steps", 2, "--out", mine)
+    assert sorted(os.listdir(mine)) == ["0000.png", "0001.png", "2023.png", "grid.png"]
 
 
 def test_grids_enlarge_small_images_nearest_neighbour():
