@@ -464,7 +464,7 @@ def table_rows(r, notes):
 
 
 def precision_rows(r):
-    """Training speed in each precision, and bf16's ratio over fp32 (train.py picks by its own probe)."""
+    """Training speed in each precision, and bf16's ratio over fp32 (train.py picks by the CPU's bf16 units)."""
     runs = r.get("by_precision", {})
     rows = [(f"train img/s, {name}", _error(res) or fmt_number(res.get("images_per_s"))) for name, res in runs.items()]
     if all("images_per_s" in res for res in runs.values()) and len(runs) == 2:

@@ -111,7 +111,7 @@ class Config:
     compile: bool = knob(False, "torch.compile the model (slow first step)")
     dist_timeout: float = knob(10.0, "with torchrun: minutes a process waits for the others at a collective before the job fails")
     amp: bool = knob(True, "bf16 autocast where it is faster: on CUDA (with TF32 matmuls) and on CPUs whose bf16 matmuls beat fp32 "
-                             "(AVX512-BF16/AMX, probed at start); weights, optimizer and checkpoints stay fp32; --no-amp = fp32")
+                             "(x86: AVX512-BF16/AMX; other CPUs: timed at start); weights, optimizer and checkpoints stay fp32; --no-amp = fp32")
 
 
 # Presets: overrides of the defaults above. Explained in README.md; the measurements behind them are in docs/experiments.md.

@@ -66,20 +66,16 @@ def select_device(name, local_rank, amp):
 
 
 def precision(device, amp):
-    """'bf16' (autocast) or 'fp32', and why: bf16 on CUDA, and on a CPU whose bf16 matmuls are clearly
-    faster than fp32 (AVX512-BF16/AMX); AVX2-only CPUs emulate bf16 and would run slower."""
+    """'bf16' (autocast) or 'fp32', and why: bf16 on CUDA, and on a CPU with bf16 units (AVX512-BF16/AMX);
+    other CPUs emulate bf16 and would run slower."""
     if not amp:
         return "fp32", "--no-amp"
     if device.type == "cuda":
         return ("bf16", "CUDA") if torch.cuda.is_bf16_supported() else ("fp32", "this GPU has no bf16")
     if device.type != "cpu":
         return "fp32", f"no bf16 autocast on {device.type}"
-    speedup = cpu_bf16_speedup()
-    if speedup is None:
-        return "fp32", f"no bf16 units on this CPU ({torch.backends.cpu.get_cpu_capability()}; bf16 would be emulated)"
-    if speedup >= CPU_BF16_MIN_SPEEDUP:
-        return "bf16", f"bf16 matmuls {speedup:.1f}x as fast as fp32 on this CPU"
-    return "fp32", f"bf16 matmuls only {speedup:.1f}x as fast as fp32 on this CPU (bf16 needs {CPU_BF16_MIN_SPEEDUP:g}x)"
+    fast, why = cpu_bf16()
+    return ("bf16" if fast else "fp32"), why
 
 
 # A training step gains far less than its matmuls (casts and element-wise work stay), so only a clear win counts.
@@ -88,12 +84,24 @@ X86 = ("x86_64", "amd64", "i386", "i686")  # platform.machine() of an x86 CPU, l
 
 
 @functools.cache
+def cpu_bf16():
+    """(True, why) where bf16 matmuls beat fp32's clearly, else (False, why). On x86 the CPU's features decide
+    (AVX512-BF16 or AMX; without them bf16 is emulated), so every process of a run decides alike, which a timing on
+    a busy machine did not (docs/experiments.md); other CPUs (ARM) are timed, their features not read here."""
+    if platform.machine().lower() in X86:
+        units = [name for name, has in (("AMX", torch.cpu._is_amx_tile_supported()),
+                                        ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported())) if has]
+        if units:
+            return True, f"this CPU has bf16 units: {', '.join(units)}"
+        return False, f"no bf16 units on this CPU ({torch.backends.cpu.get_cpu_capability()}; bf16 would be emulated)"
+    speedup = cpu_bf16_speedup()
+    if speedup >= CPU_BF16_MIN_SPEEDUP:
+        return True, f"bf16 matmuls {speedup:.1f}x as fast as fp32 on this CPU"
+    return False, f"bf16 matmuls only {speedup:.1f}x as fast as fp32 on this CPU (bf16 needs {CPU_BF16_MIN_SPEEDUP:g}x)"
+
+
 def cpu_bf16_speedup(n=1024, repeats=4):
-    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats` after a warm-up pass), or None,
-    timing nothing, on an x86 CPU without AVX512: bf16 units (AVX512-BF16, AMX) come only with it, and without
-    them bf16 is emulated so slowly that timing it took ~20 s at every start on an AVX2 CPU."""
-    if platform.machine().lower() in X86 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        return None
+    """fp32 time / bf16 time of an n x n matmul on this CPU (best of `repeats` after a warm-up pass)."""
     best = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):  # twice: the first pass warms up
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

@@ -288,7 +288,7 @@ def test_network_runs_in_bf16_where_training_would_and_no_amp_is_fp32(plain, tmp
     or a CPU without fast bf16, gives the fp32 images exactly. The line names the precision."""
     import distributed
     for name, speedup, flags in (("bf16", 4.0, ()), ("fp32", 4.0, ("--no-amp",)), ("slow", 0.5, ())):
-        monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: speedup)
+        monkeypatch.setattr(distributed, "cpu_bf16", lambda: (speedup > 2, f"a pretend CPU, {speedup}x"))
         run_sample("--ckpt", plain, "--n", 4, "--steps", 5, "--out", tmp_path / name, *flags)
         assert ("bf16)" if name == "bf16" else "fp32)") in capsys.readouterr().out
     for i in range(4):
